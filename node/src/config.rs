@@ -1,0 +1,184 @@
+//! Node configuration: typed settings with defaults, then a TOML file, then `HEARTH_*` variables, then flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::NodeError;
+
+/// Names of every setting, which are also the `HEARTH_*` variables' suffixes.
+pub const SETTINGS: &[&str] = &[
+    "server_name",
+    "data_dir",
+    "listen",
+    "registration",
+    "max_group_members",
+    "presence_push_max_members",
+    "heartbeat_timeout_secs",
+    "auth_timeout_secs",
+    "max_frame_bytes",
+    "max_body_bytes",
+    "rate_limit_per_sec",
+    "rate_limit_burst",
+    "session_queue",
+    "sync_batch",
+    "log_format",
+    "log",
+];
+
+/// Who may create accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Registration {
+    /// Anyone who can reach the node may register.
+    Open,
+    /// Only an administrator creates accounts (`hearth user add`).
+    Closed,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Every setting of a node. Field docs are the operator's reference; docs/operations.md
+/// repeats them with their environment variable names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This server's name; users are `name@server_name`.
+    pub server_name: String,
+    /// Folder holding the store; created if missing.
+    pub data_dir: PathBuf,
+    /// Address of the client API (HTTP and WebSocket).
+    pub listen: SocketAddr,
+    /// `open` or `closed`.
+    pub registration: Registration,
+    /// Most members a group may have.
+    pub max_group_members: usize,
+    /// Presence changes are pushed to members of groups up to this size; larger
+    /// groups look presence up on demand.
+    pub presence_push_max_members: usize,
+    /// Seconds without any frame after which a session is closed and, if it was
+    /// the user's last, the user goes offline.
+    pub heartbeat_timeout_secs: u64,
+    /// Seconds a new WebSocket has to send its `auth` frame.
+    pub auth_timeout_secs: u64,
+    /// Largest WebSocket frame (bytes) the node accepts with an error frame; a
+    /// frame beyond twice this closes the connection.
+    pub max_frame_bytes: usize,
+    /// Largest message body in bytes.
+    pub max_body_bytes: usize,
+    /// Frames per second one connection may send, sustained.
+    pub rate_limit_per_sec: u32,
+    /// Frames one connection may send in a burst.
+    pub rate_limit_burst: u32,
+    /// Events queued for one connection before it is considered too slow and
+    /// disconnected (it resyncs from its cursor on reconnect).
+    pub session_queue: usize,
+    /// Events per `sync` frame during catch-up.
+    pub sync_batch: usize,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// Log filter, as in `RUST_LOG` (e.g. `info`, `hearth_node=debug`).
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server_name: "localhost".into(),
+            data_dir: PathBuf::from("./hearth-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            registration: Registration::Open,
+            max_group_members: 100,
+            presence_push_max_members: 25,
+            heartbeat_timeout_secs: 30,
+            auth_timeout_secs: 10,
+            max_frame_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024,
+            rate_limit_per_sec: 100,
+            rate_limit_burst: 200,
+            session_queue: 1024,
+            sync_batch: 500,
+            log_format: LogFormat::Text,
+            log: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Layers defaults, the optional TOML file, `HEARTH_*` environment variables and
+    /// the given overrides (from command-line flags), in that order.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, NodeError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(NodeError::Config(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("HEARTH_").only(SETTINGS))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses settings the node cannot run with.
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let bad = |m: &str| Err(NodeError::Config(m.to_string()));
+        if !crate::accounts::valid_server_name(&self.server_name) {
+            return bad("server_name must be a domain-like name such as acme.example");
+        }
+        if self.max_group_members < 2 {
+            return bad("max_group_members must be at least 2");
+        }
+        if self.heartbeat_timeout_secs == 0 || self.auth_timeout_secs == 0 {
+            return bad("heartbeat_timeout_secs and auth_timeout_secs must be positive");
+        }
+        if self.max_frame_bytes < 1024 || self.max_body_bytes == 0 {
+            return bad("max_frame_bytes must be at least 1024 and max_body_bytes positive");
+        }
+        if self.max_body_bytes > self.max_frame_bytes / 2 {
+            return bad("max_body_bytes must be at most half of max_frame_bytes");
+        }
+        if self.rate_limit_per_sec == 0 || self.rate_limit_burst == 0 {
+            return bad("rate limits must be positive");
+        }
+        if self.session_queue == 0 || self.sync_batch == 0 {
+            return bad("session_queue and sync_batch must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Settings given as command-line flags; `None` leaves the lower layers' value.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registration: Option<Registration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+}

@@ -1,0 +1,188 @@
+//! The Hearth homeserver: one organisation's node, serving its users over HTTP and WebSocket.
+//!
+//! # Layout
+//! - [`config`]: typed settings (defaults, file, environment, flags).
+//! - [`store`]: the only module that touches sled; typed records in trees named by key layout.
+//! - [`accounts`]: registration, password login, devices and their tokens and cursors.
+//! - [`channels`]: direct chats and groups, membership events, sending, history.
+//! - [`sync`]: stream positions, group-committed writes, backlog for reconnecting devices.
+//! - [`hub`]: which devices are connected, and their bounded outbound queues.
+//! - [`presence`]: online/offline, last activity, and who hears about changes.
+//! - [`session`]: one device's WebSocket session, generic over its transport.
+//! - `http`: the routes, authentication, and the mapping of errors to problem documents.
+//! - [`metrics`]: the node's Prometheus registry.
+//! - [`cli`]: the `hearth` command line (serve, user admin, chat).
+//!
+//! [`Node::open`] builds every service once over one store; [`Node::serve`] runs
+//! the client API on a listener until a shutdown future completes.
+
+pub mod accounts;
+pub mod channels;
+pub mod cli;
+pub mod config;
+pub mod error;
+mod http;
+pub mod hub;
+pub mod metrics;
+pub mod presence;
+pub mod session;
+pub mod store;
+pub mod sync;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hearth_federation::Hlc;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use crate::config::Config;
+pub use crate::error::{ApiError, NodeError};
+
+use crate::accounts::Accounts;
+use crate::channels::{ChannelLimits, Channels};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+use crate::store::{Store, StoreError};
+use crate::sync::Inboxes;
+
+/// How long shutdown waits for sessions to close before it stops waiting.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Every service of a node, built once and shared by handlers and sessions.
+pub struct Services {
+    /// The settings the node runs with.
+    pub config: Config,
+    /// The store.
+    pub store: Store,
+    /// Accounts and devices.
+    pub accounts: Accounts,
+    /// Channels and messages.
+    pub channels: Channels,
+    /// Inboxes and sync.
+    pub inboxes: Inboxes,
+    /// Live sessions.
+    pub hub: Hub,
+    /// Presence.
+    pub presence: Presence,
+    /// Metrics.
+    pub metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+    accepting: AtomicBool,
+}
+
+impl Services {
+    /// Whether the node accepts work (false once shutdown began).
+    pub fn ready(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+}
+
+/// A node with its store open, ready to serve.
+pub struct Node {
+    svc: Arc<Services>,
+    flusher: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Node {
+    /// Opens the store in the configured data folder and builds the services.
+    pub async fn open(config: Config) -> Result<Node, NodeError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = Store::open(&config.data_dir).map_err(|e| match e {
+            StoreError::Locked => NodeError::DataDirLocked(config.data_dir.clone()),
+            other => NodeError::Store(other),
+        })?;
+        let metrics = Metrics::new();
+        let hub = Hub::new(config.session_queue, metrics.clone());
+        let (inboxes, flusher) = Inboxes::start(store.clone(), hub.clone(), metrics.clone())?;
+        let accounts = Accounts::new(
+            store.clone(),
+            hub.clone(),
+            config.server_name.clone(),
+            config.registration,
+        );
+        let channels = Channels::new(
+            store.clone(),
+            inboxes.clone(),
+            accounts.clone(),
+            Arc::new(Hlc::new()),
+            ChannelLimits {
+                max_group_members: config.max_group_members,
+                max_body_bytes: config.max_body_bytes,
+            },
+            metrics.clone(),
+        );
+        let presence = Presence::new(store.clone(), hub.clone(), config.presence_push_max_members);
+        let (stop, shutdown) = watch::channel(false);
+        let svc = Arc::new(Services {
+            config,
+            store,
+            accounts,
+            channels,
+            inboxes,
+            hub,
+            presence,
+            metrics,
+            shutdown,
+            accepting: AtomicBool::new(true),
+        });
+        Ok(Node { svc, flusher, stop })
+    }
+
+    /// The node's services (for admin commands and tests).
+    pub fn services(&self) -> &Arc<Services> {
+        &self.svc
+    }
+
+    /// Serves the client API on `listener` until `shutdown` completes, then stops
+    /// accepting, closes sessions with the going-away code, waits (bounded) for them,
+    /// and flushes the store.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let Node { svc, flusher, stop } = self;
+        let app = http::router(svc.clone());
+        let begun = Arc::new(tokio::sync::Notify::new());
+        let signal = {
+            let svc = svc.clone();
+            let begun = begun.clone();
+            async move {
+                shutdown.await;
+                info!("shutting down: closing sessions");
+                svc.accepting.store(false, Ordering::Release);
+                let _ = stop.send(true);
+                begun.notify_one();
+            }
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+        let served = tokio::select! {
+            r = server => r.map_err(NodeError::Io),
+            _ = async { begun.notified().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+                warn!("some connections did not close in time; stopping anyway");
+                Ok(())
+            }
+        };
+        svc.inboxes.stop();
+        if flusher.await.is_err() {
+            warn!("the store flusher ended abnormally");
+        }
+        info!("stopped");
+        served
+    }
+
+    /// Stops the flusher without serving (for admin commands), flushing the store.
+    pub async fn close(self) -> Result<(), NodeError> {
+        self.svc.inboxes.stop();
+        let _ = self.flusher.await;
+        self.svc.store.flush().await?;
+        Ok(())
+    }
+}

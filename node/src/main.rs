@@ -1,0 +1,5 @@
+//! The `hearth` binary.
+
+fn main() -> anyhow::Result<()> {
+    hearth_node::cli::main()
+}

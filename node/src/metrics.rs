@@ -1,0 +1,100 @@
+//! Prometheus metrics of one node, in a registry of its own (no process-wide recorder).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// The node's metrics; clones share the same values.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Open authenticated WebSocket sessions.
+    pub connections: Gauge,
+    /// Frames received from clients.
+    pub frames_in: Counter,
+    /// Frames written to clients.
+    pub frames_out: Counter,
+    /// Messages stored.
+    pub messages: Counter,
+    /// Sessions closed because they did not read fast enough.
+    pub slow_disconnects: Counter,
+    /// Seconds from accepting an event to writing it to a recipient's socket.
+    pub delivery_seconds: Histogram,
+    /// Seconds per store flush (one flush acknowledges a whole group of writes).
+    pub flush_seconds: Histogram,
+    registry: Arc<Registry>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Fresh metrics in a new registry.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("hearth");
+        let connections = Gauge::default();
+        let frames_in = Counter::default();
+        let frames_out = Counter::default();
+        let messages = Counter::default();
+        let slow_disconnects = Counter::default();
+        // 50 µs to about 3 s.
+        let delivery_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        let flush_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        registry.register(
+            "connections",
+            "Open WebSocket sessions",
+            connections.clone(),
+        );
+        registry.register(
+            "frames_in",
+            "Frames received from clients",
+            frames_in.clone(),
+        );
+        registry.register(
+            "frames_out",
+            "Frames written to clients",
+            frames_out.clone(),
+        );
+        registry.register("messages", "Messages stored", messages.clone());
+        registry.register(
+            "slow_disconnects",
+            "Sessions closed because their queue overflowed",
+            slow_disconnects.clone(),
+        );
+        registry.register(
+            "delivery_seconds",
+            "Time from accepting an event to writing it to a recipient",
+            delivery_seconds.clone(),
+        );
+        registry.register(
+            "store_flush_seconds",
+            "Duration of store flushes",
+            flush_seconds.clone(),
+        );
+        Metrics {
+            connections,
+            frames_in,
+            frames_out,
+            messages,
+            slow_disconnects,
+            delivery_seconds,
+            flush_seconds,
+            registry: Arc::new(registry),
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            tracing::error!("metrics encoding failed");
+        }
+        out
+    }
+}

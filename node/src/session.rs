@@ -1,0 +1,482 @@
+//! One device's WebSocket session: authentication, backlog, live events, sends, heartbeats.
+//!
+//! The session is one task over a transport of text frames, generic so tests can
+//! drive it without sockets. It attaches to the hub before reading the backlog,
+//! so nothing published meanwhile is missed, and drops anything at or below the
+//! position it already sent, so nothing arrives twice.
+
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hearth_client_api::{ClientFrame, ErrorCode, PROTOCOL_VERSION, ServerFrame, close};
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, info, instrument};
+
+use crate::Services;
+use crate::accounts::DeviceAuth;
+use crate::channels::{Ack, Target};
+use crate::error::ApiError;
+use crate::hub::Outbound;
+
+/// A frame from the client, as the transport saw it.
+#[derive(Debug)]
+pub enum WireIn {
+    /// A text frame.
+    Text(String),
+    /// A binary frame (not part of the protocol).
+    Binary,
+    /// A frame beyond the transport's hard size cap; the connection cannot go on.
+    TooBig,
+    /// The client closed, or the connection broke.
+    Closed,
+}
+
+/// A frame to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireOut {
+    /// A text frame.
+    Text(Arc<str>),
+    /// Close with a code and reason.
+    Close(u16, String),
+}
+
+/// How long one write may take before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sends one session may have waiting for their flush.
+const MAX_SENDS_IN_FLIGHT: usize = 256;
+/// Queued items written per socket flush.
+const WRITE_BATCH: usize = 64;
+
+type SendResult = (String, Result<Ack, ApiError>);
+type PendingSend = Pin<Box<dyn Future<Output = SendResult> + Send>>;
+
+enum End {
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+    /// The connection is gone; nothing more to write.
+    Gone,
+}
+
+fn encode(frame: &ServerFrame) -> Arc<str> {
+    Arc::from(serde_json::to_string(frame).unwrap_or_default())
+}
+
+fn error_frame(code: ErrorCode, message: impl Into<String>, key: Option<String>) -> WireOut {
+    WireOut::Text(encode(&ServerFrame::Error {
+        code,
+        message: message.into(),
+        key,
+    }))
+}
+
+const KNOWN_FRAMES: &[&str] = &["auth", "send", "cursor", "heartbeat"];
+
+/// Parses a client frame, telling unknown types apart from malformed frames.
+fn parse(text: &str) -> Result<ClientFrame, (ErrorCode, String)> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        (
+            ErrorCode::BadRequest,
+            format!("the frame is not valid JSON: {e}"),
+        )
+    })?;
+    let kind = value
+        .get("type")
+        .and_then(|t| t.as_str())
+        .ok_or((
+            ErrorCode::BadRequest,
+            "a frame is a JSON object with a string field \"type\"".to_string(),
+        ))?
+        .to_string();
+    if !KNOWN_FRAMES.contains(&kind.as_str()) {
+        return Err((
+            ErrorCode::UnknownFrame,
+            format!("unknown frame type {kind:?}; known types are {KNOWN_FRAMES:?}"),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        (
+            ErrorCode::BadRequest,
+            format!("malformed {kind} frame: {e}"),
+        )
+    })
+}
+
+async fn write<T>(t: &mut T, out: WireOut) -> Result<(), End>
+where
+    T: Sink<WireOut> + Unpin,
+{
+    match timeout(WRITE_TIMEOUT, t.send(out)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(End::Gone),
+    }
+}
+
+/// Runs a session to its end over `transport`.
+pub async fn run<T>(mut transport: T, svc: Arc<Services>)
+where
+    T: Stream<Item = WireIn> + Sink<WireOut> + Unpin,
+{
+    let Some(auth) = authenticate(&mut transport, &svc).await else {
+        return;
+    };
+    let end = serve(&mut transport, &svc, &auth).await;
+    if let End::Close(code, reason) = end {
+        let _ = timeout(
+            WRITE_TIMEOUT,
+            transport.send(WireOut::Close(code, reason.to_string())),
+        )
+        .await;
+    }
+}
+
+/// Waits for the `auth` frame; closes the connection and returns None if it does not come.
+async fn authenticate<T>(t: &mut T, svc: &Services) -> Option<DeviceAuth>
+where
+    T: Stream<Item = WireIn> + Sink<WireOut> + Unpin,
+{
+    let deadline = Instant::now() + Duration::from_secs(svc.config.auth_timeout_secs);
+    let end = loop {
+        let frame = tokio::select! {
+            f = t.next() => f.unwrap_or(WireIn::Closed),
+            _ = sleep_until(deadline) => break End::Close(close::AUTH_TIMEOUT, "no auth frame in time"),
+        };
+        let text = match frame {
+            WireIn::Text(text) => text,
+            WireIn::Closed => break End::Gone,
+            WireIn::TooBig => break End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
+            WireIn::Binary => {
+                let e = error_frame(
+                    ErrorCode::BadRequest,
+                    "binary frames are not part of the protocol",
+                    None,
+                );
+                if write(t, e).await.is_err() {
+                    break End::Gone;
+                }
+                continue;
+            }
+        };
+        match parse(&text) {
+            Ok(ClientFrame::Auth { v, token }) => {
+                if v != PROTOCOL_VERSION {
+                    let e = error_frame(
+                        ErrorCode::UnsupportedVersion,
+                        format!("this server speaks protocol version {PROTOCOL_VERSION}, not {v}"),
+                        None,
+                    );
+                    let _ = write(t, e).await;
+                    break End::Close(close::UNSUPPORTED_VERSION, "unsupported protocol version");
+                }
+                match svc.accounts.authenticate(&token) {
+                    Ok(auth) => return Some(auth),
+                    Err(err) => {
+                        let _ = write(t, error_frame(err.code, err.message, None)).await;
+                        break End::Close(close::UNAUTHORIZED, "unauthorized");
+                    }
+                }
+            }
+            Ok(_) => {
+                let e = error_frame(
+                    ErrorCode::NotAuthenticated,
+                    "send an auth frame first",
+                    None,
+                );
+                if write(t, e).await.is_err() {
+                    break End::Gone;
+                }
+            }
+            Err((code, message)) => {
+                if write(t, error_frame(code, message, None)).await.is_err() {
+                    break End::Gone;
+                }
+            }
+        }
+    };
+    if let End::Close(code, reason) = end {
+        debug!(code, reason, "session closed before authenticating");
+        let _ = write(t, WireOut::Close(code, reason.to_string())).await;
+    }
+    None
+}
+
+/// The authenticated part of a session.
+#[instrument(skip_all, fields(user = %auth.user, device = %auth.device))]
+async fn serve<T>(t: &mut T, svc: &Services, auth: &DeviceAuth) -> End
+where
+    T: Stream<Item = WireIn> + Sink<WireOut> + Unpin,
+{
+    let cursor = match svc.accounts.cursor(auth) {
+        Ok(c) => c,
+        Err(_) => return End::Close(close::UNAUTHORIZED, "device logged out"),
+    };
+    let mut attachment = svc.hub.attach(&auth.user, &auth.device);
+    if attachment.first {
+        svc.presence.announce(&auth.user);
+    }
+    svc.presence.touch(&auth.user);
+    info!(cursor, "session started");
+    let end = session_loop(t, svc, auth, cursor, &attachment.kick, &mut attachment.rx).await;
+    svc.presence.touch(&auth.user);
+    if attachment.detach() {
+        svc.presence.announce(&auth.user);
+    }
+    info!("session ended");
+    end
+}
+
+async fn session_loop<T>(
+    t: &mut T,
+    svc: &Services,
+    auth: &DeviceAuth,
+    cursor: u64,
+    kick: &crate::hub::Kick,
+    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+) -> End
+where
+    T: Stream<Item = WireIn> + Sink<WireOut> + Unpin,
+{
+    let cfg = &svc.config;
+    let heartbeat = Duration::from_secs(cfg.heartbeat_timeout_secs);
+    let ready = ServerFrame::Ready {
+        v: PROTOCOL_VERSION,
+        user: auth.user.clone(),
+        device: auth.device.clone(),
+        cursor,
+        heartbeat_timeout_ms: heartbeat.as_millis() as u64,
+        max_frame_bytes: cfg.max_frame_bytes,
+    };
+    if let Err(e) = write(t, WireOut::Text(encode(&ready))).await {
+        return e;
+    }
+    let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
+        Quota::per_second(NonZeroU32::new(cfg.rate_limit_per_sec).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(cfg.rate_limit_burst).unwrap_or(NonZeroU32::MIN)),
+    );
+    let mut shutdown = svc.shutdown.clone();
+    let mut sent_upto = cursor;
+    let mut backlog_done = false;
+    let mut sends: FuturesUnordered<PendingSend> = FuturesUnordered::new();
+    let mut deadline = Instant::now() + heartbeat;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return End::Close(close::GOING_AWAY, "server shutting down"),
+            code = kick.kicked() => return End::Close(code, kick_reason(code)),
+            _ = sleep_until(deadline) => {
+                return End::Close(close::HEARTBEAT_TIMEOUT, "no heartbeat in time");
+            }
+            Some((key, result)) = sends.next(), if !sends.is_empty() => {
+                let frame = match result {
+                    Ok(ack) => WireOut::Text(encode(&ServerFrame::Ack {
+                        key,
+                        event_id: ack.event_id,
+                        channel: ack.channel,
+                        ts: ack.ts,
+                    })),
+                    Err(err) => error_frame(err.code, err.message, Some(key)),
+                };
+                if let Err(e) = out(t, svc, frame).await {
+                    return e;
+                }
+            }
+            frame = t.next() => {
+                deadline = Instant::now() + heartbeat;
+                svc.metrics.frames_in.inc();
+                let text = match frame.unwrap_or(WireIn::Closed) {
+                    WireIn::Text(text) => text,
+                    WireIn::Closed => return End::Gone,
+                    WireIn::TooBig => return End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
+                    WireIn::Binary => {
+                        let e = error_frame(ErrorCode::BadRequest, "binary frames are not part of the protocol", None);
+                        if let Err(e) = out(t, svc, e).await { return e; }
+                        continue;
+                    }
+                };
+                if text.len() > cfg.max_frame_bytes {
+                    let e = error_frame(
+                        ErrorCode::TooLarge,
+                        format!("the frame is {} bytes; at most {} are accepted", text.len(), cfg.max_frame_bytes),
+                        None,
+                    );
+                    if let Err(e) = out(t, svc, e).await { return e; }
+                    continue;
+                }
+                if limiter.check().is_err() {
+                    let key = serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|v| v.get("key").and_then(|k| k.as_str()).map(str::to_string));
+                    let e = error_frame(ErrorCode::RateLimited, "too many frames; slow down and resend", key);
+                    if let Err(e) = out(t, svc, e).await { return e; }
+                    continue;
+                }
+                let reply = match parse(&text) {
+                    Err((code, message)) => Some(error_frame(code, message, None)),
+                    Ok(ClientFrame::Heartbeat) => {
+                        svc.presence.touch(&auth.user);
+                        None
+                    }
+                    Ok(ClientFrame::Auth { .. }) => Some(error_frame(
+                        ErrorCode::BadRequest,
+                        "this session is already authenticated",
+                        None,
+                    )),
+                    Ok(ClientFrame::Cursor { pos }) => {
+                        // A device cannot acknowledge what it has not been sent.
+                        match svc.accounts.advance_cursor(auth, pos.min(sent_upto)) {
+                            Ok(()) => None,
+                            Err(err) => Some(error_frame(err.code, err.message, None)),
+                        }
+                    }
+                    Ok(ClientFrame::Send { key, to, channel, body }) => {
+                        let target = match (to, channel) {
+                            (Some(user), None) => Ok(Target::User(user)),
+                            (None, Some(channel)) => Ok(Target::Channel(channel)),
+                            _ => Err("a send names exactly one of \"to\" and \"channel\""),
+                        };
+                        match target {
+                            Err(m) => Some(error_frame(ErrorCode::BadRequest, m, Some(key))),
+                            Ok(_) if sends.len() >= MAX_SENDS_IN_FLIGHT => Some(error_frame(
+                                ErrorCode::RateLimited,
+                                "too many sends waiting for their acks; wait for some",
+                                Some(key),
+                            )),
+                            Ok(target) => {
+                                let channels = svc.channels.clone();
+                                let auth = auth.clone();
+                                sends.push(Box::pin(async move {
+                                    let res = channels.send(&auth, &key, target, &body).await;
+                                    (key, res)
+                                }));
+                                None
+                            }
+                        }
+                    }
+                };
+                if let Some(reply) = reply {
+                    if let Err(e) = out(t, svc, reply).await { return e; }
+                }
+            }
+            item = rx.recv(), if backlog_done => {
+                let Some(item) = item else { return End::Gone };
+                if let Err(e) = write_live(t, svc, rx, item, &mut sent_upto).await {
+                    return e;
+                }
+            }
+            _ = std::future::ready(()), if !backlog_done => {
+                match svc.inboxes.backlog(&auth.user, sent_upto, cfg.sync_batch) {
+                    Ok(events) => {
+                        let more = events.len() == cfg.sync_batch;
+                        if let Some(pos) = events.last().and_then(|e| e.pos) {
+                            sent_upto = pos;
+                        }
+                        backlog_done = !more;
+                        let frame = ServerFrame::Sync { events, more };
+                        if let Err(e) = out(t, svc, WireOut::Text(encode(&frame))).await {
+                            return e;
+                        }
+                    }
+                    Err(_) => return End::Close(1011, "server error"),
+                }
+            }
+        }
+    }
+}
+
+fn kick_reason(code: u16) -> &'static str {
+    match code {
+        close::TOO_SLOW => "too slow: reconnect and resync from your cursor",
+        close::LOGGED_OUT => "logged out",
+        _ => "closed by the server",
+    }
+}
+
+async fn out<T>(t: &mut T, svc: &Services, frame: WireOut) -> Result<(), End>
+where
+    T: Sink<WireOut> + Unpin,
+{
+    svc.metrics.frames_out.inc();
+    write(t, frame).await
+}
+
+/// Writes a live item and whatever else is already queued, with one flush.
+async fn write_live<T>(
+    t: &mut T,
+    svc: &Services,
+    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    first: Outbound,
+    sent_upto: &mut u64,
+) -> Result<(), End>
+where
+    T: Sink<WireOut> + Unpin,
+{
+    let mut item = Some(first);
+    let mut written = 0;
+    let mut accepted = Vec::new();
+    while let Some(next) = item.take() {
+        let frame = match next {
+            Outbound::Event {
+                pos,
+                frame,
+                accepted_at,
+            } => {
+                if pos <= *sent_upto {
+                    // Already sent in the backlog.
+                    None
+                } else {
+                    *sent_upto = pos;
+                    accepted.push(accepted_at);
+                    Some(frame)
+                }
+            }
+            Outbound::Presence(frame) => Some(frame),
+        };
+        if let Some(frame) = frame {
+            svc.metrics.frames_out.inc();
+            match timeout(WRITE_TIMEOUT, t.feed(WireOut::Text(frame))).await {
+                Ok(Ok(())) => written += 1,
+                _ => return Err(End::Gone),
+            }
+        }
+        if written < WRITE_BATCH {
+            item = rx.try_recv().ok();
+        }
+    }
+    match timeout(WRITE_TIMEOUT, t.flush()).await {
+        Ok(Ok(())) => {}
+        _ => return Err(End::Gone),
+    }
+    for at in accepted {
+        svc.metrics
+            .delivery_seconds
+            .observe(at.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_types_and_malformed_frames_are_told_apart() {
+        assert_eq!(
+            parse(r#"{"type":"dance"}"#).map_err(|e| e.0),
+            Err(ErrorCode::UnknownFrame)
+        );
+        assert_eq!(parse("{nope").map_err(|e| e.0), Err(ErrorCode::BadRequest));
+        assert_eq!(
+            parse(r#"{"type":"send","key":"k"}"#).map_err(|e| e.0),
+            Err(ErrorCode::BadRequest)
+        );
+        assert_eq!(
+            parse(r#"[1,2]"#).map_err(|e| e.0),
+            Err(ErrorCode::BadRequest)
+        );
+        assert_eq!(parse(r#"{"type":"heartbeat"}"#), Ok(ClientFrame::Heartbeat));
+    }
+}

@@ -1,0 +1,714 @@
+//! The store: every byte the node keeps, in sled trees named after their key layout.
+//!
+//! Only this module touches sled. It holds no chat rules: services decide, the
+//! store reads and writes typed records. Composite keys join their parts with a
+//! 0x00 byte, which no user id, device id or channel id contains, so a prefix
+//! scan over `a\0` finds exactly the entries of `a`. Numbers in keys are
+//! big-endian so byte order is numeric order.
+
+use std::path::Path;
+
+use hearth_client_api::model::{ChannelKind, Event, Role};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+/// A store failure: the disk, or a record that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled reported an error (I/O, corruption).
+    #[error("store engine: {0}")]
+    Engine(#[from] sled::Error),
+    /// Another process holds the store's lock file.
+    #[error("store is locked by another process")]
+    Locked,
+    /// A stored record does not decode; the store was written by something else.
+    #[error("stored record in {tree} does not decode: {detail}")]
+    Corrupt {
+        /// Which tree.
+        tree: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
+}
+
+type StoreResult<T> = Result<T, StoreError>;
+
+/// An account, keyed by the user's local part.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountRecord {
+    /// PHC string of the argon2id hash.
+    pub password_hash: String,
+    /// Disabled accounts cannot log in; their tokens are refused.
+    pub disabled: bool,
+    /// Milliseconds since the epoch.
+    pub created_at: u64,
+    /// Optional display name.
+    pub display_name: Option<String>,
+}
+
+/// A logged-in device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// Name given at login.
+    pub name: String,
+    /// Hex SHA-256 of the device's access token (the token itself is never stored).
+    pub token_hash: String,
+    /// Milliseconds since the epoch.
+    pub created_at: u64,
+    /// Highest stream position the device has acknowledged.
+    pub cursor: u64,
+}
+
+/// Which user and device a token belongs to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceKey {
+    /// Full user id.
+    pub user: String,
+    /// Device id.
+    pub device: String,
+}
+
+/// A channel's settings and counters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    /// Direct or group.
+    pub kind: ChannelKind,
+    /// Group name (empty for direct channels).
+    pub name: String,
+    /// Creator's user id.
+    pub created_by: String,
+    /// Milliseconds since the epoch.
+    pub created_at: u64,
+    /// Membership version, bumped by every membership change.
+    pub version: u64,
+    /// Current number of members.
+    pub member_count: usize,
+    /// Next sequence number for events this server originates in the channel.
+    pub next_seq: u64,
+}
+
+/// A member's place in a channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberRecord {
+    /// Admin or member.
+    pub role: Role,
+    /// Milliseconds since the epoch.
+    pub joined_at: u64,
+}
+
+/// What a `send` with a given idempotency key produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AckRecord {
+    /// The stored event's id.
+    pub event_id: String,
+    /// Its channel.
+    pub channel: String,
+    /// Its timestamp.
+    pub ts: u64,
+}
+
+/// An event's place in its channel's order: `(ts, origin, seq)`, the same on every server.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChannelPos {
+    /// Hybrid-clock timestamp.
+    pub ts: u64,
+    /// Originating server.
+    pub origin: String,
+    /// Per-origin, per-channel sequence number.
+    pub seq: u64,
+}
+
+impl ChannelPos {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(17 + self.origin.len());
+        b.extend_from_slice(&self.ts.to_be_bytes());
+        b.extend_from_slice(self.origin.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&self.seq.to_be_bytes());
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<ChannelPos> {
+        let ts = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+        let rest = b.get(8..)?;
+        let nul = rest.iter().position(|&c| c == 0)?;
+        let origin = std::str::from_utf8(rest.get(..nul)?).ok()?.to_string();
+        let seq = u64::from_be_bytes(rest.get(nul + 1..)?.try_into().ok()?);
+        Some(ChannelPos { ts, origin, seq })
+    }
+
+    /// The history cursor form, `ts-seq-origin`.
+    pub fn to_cursor(&self) -> String {
+        format!("{}-{}-{}", self.ts, self.seq, self.origin)
+    }
+
+    /// Parses a history cursor.
+    pub fn from_cursor(s: &str) -> Option<ChannelPos> {
+        let mut parts = s.splitn(3, '-');
+        let ts = parts.next()?.parse().ok()?;
+        let seq = parts.next()?.parse().ok()?;
+        let origin = parts.next()?.to_string();
+        if origin.is_empty() || origin.contains('\0') {
+            return None;
+        }
+        Some(ChannelPos { ts, origin, seq })
+    }
+}
+
+/// Changes that must land together: one multi-tree transaction.
+#[derive(Debug, Default)]
+pub struct WriteSet {
+    /// Channel records to write.
+    pub channels: Vec<(String, ChannelRecord)>,
+    /// Memberships to set (`Some`) or remove (`None`); keeps the user→channel index too.
+    pub members: Vec<(String, String, Option<MemberRecord>)>,
+    /// A new direct channel for a pair of users: `(user_a, user_b, channel)`.
+    pub direct_pairs: Vec<(String, String, String)>,
+    /// Events to store in their channels.
+    pub events: Vec<(ChannelPos, Event)>,
+    /// Inbox entries: `(user, stream position, channel, channel position)`.
+    pub inbox: Vec<(String, u64, String, ChannelPos)>,
+    /// Idempotency records: `(user, key, ack)`.
+    pub acks: Vec<(String, String, AckRecord)>,
+    /// The node's highest stream position after this write.
+    pub stream_pos: Option<u64>,
+}
+
+const META_STREAM_POS: &[u8] = b"stream_pos";
+const META_SCHEMA: &[u8] = b"schema_version";
+const SCHEMA_VERSION: u64 = 1;
+
+/// A cheap handle to the node's store.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    userid_account: sled::Tree,
+    tokenhash_device: sled::Tree,
+    userdevice_record: sled::Tree,
+    userid_lastactive: sled::Tree,
+    channelid_channel: sled::Tree,
+    channeluser_member: sled::Tree,
+    userchannel_index: sled::Tree,
+    userpair_direct: sled::Tree,
+    channelpos_event: sled::Tree,
+    eventid_location: sled::Tree,
+    userpos_inbox: sled::Tree,
+    userkey_ack: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn key2(a: &str, b: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + 1 + b.len());
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b);
+    k
+}
+
+fn prefix(a: &str) -> Vec<u8> {
+    key2(a, &[])
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising our own plain records cannot fail (no maps with non-string keys).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        detail: e.to_string(),
+    })
+}
+
+fn suffix_str(tree: &'static str, key: &[u8], prefix_len: usize) -> StoreResult<String> {
+    key.get(prefix_len..)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .map(str::to_string)
+        .ok_or(StoreError::Corrupt {
+            tree,
+            detail: "bad key".into(),
+        })
+}
+
+fn u64_of(tree: &'static str, bytes: &[u8]) -> StoreResult<u64> {
+    bytes
+        .try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            tree,
+            detail: "bad number".into(),
+        })
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> StoreResult<Store> {
+        let db = sled::Config::new()
+            .path(dir.join("store"))
+            // Durability comes from explicit group-commit flushes; the background
+            // flush only bounds how much unacknowledged work a crash can lose.
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| match e {
+                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
+                    StoreError::Locked
+                }
+                other => StoreError::Engine(other),
+            })?;
+        let t = |name: &str| db.open_tree(name);
+        let store = Store {
+            userid_account: t("userid_account")?,
+            tokenhash_device: t("tokenhash_device")?,
+            userdevice_record: t("userdevice_record")?,
+            userid_lastactive: t("userid_lastactive")?,
+            channelid_channel: t("channelid_channel")?,
+            channeluser_member: t("channeluser_member")?,
+            userchannel_index: t("userchannel_index")?,
+            userpair_direct: t("userpair_direct")?,
+            channelpos_event: t("channelpos_event")?,
+            eventid_location: t("eventid_location")?,
+            userpos_inbox: t("userpos_inbox")?,
+            userkey_ack: t("userkey_ack")?,
+            meta: t("meta")?,
+            db,
+        };
+        match store.meta.get(META_SCHEMA)? {
+            None => {
+                store
+                    .meta
+                    .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+            }
+            Some(v) if u64_of("meta", &v)? == SCHEMA_VERSION => {}
+            Some(v) => {
+                return Err(StoreError::Corrupt {
+                    tree: "meta",
+                    detail: format!(
+                        "schema version {} is not the {SCHEMA_VERSION} this build reads",
+                        u64_of("meta", &v)?
+                    ),
+                });
+            }
+        }
+        Ok(store)
+    }
+
+    /// Waits until everything written so far is on disk.
+    pub async fn flush(&self) -> StoreResult<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    // ---- accounts and devices ----
+
+    /// The account of a local user.
+    pub fn account(&self, localpart: &str) -> StoreResult<Option<AccountRecord>> {
+        self.userid_account
+            .get(localpart)?
+            .map(|v| decode("userid_account", &v))
+            .transpose()
+    }
+
+    /// Creates an account; false if the name is taken.
+    pub fn create_account(&self, localpart: &str, rec: &AccountRecord) -> StoreResult<bool> {
+        Ok(self
+            .userid_account
+            .compare_and_swap(localpart, None as Option<&[u8]>, Some(encode(rec)))?
+            .is_ok())
+    }
+
+    /// Overwrites an account.
+    pub fn put_account(&self, localpart: &str, rec: &AccountRecord) -> StoreResult<()> {
+        self.userid_account.insert(localpart, encode(rec))?;
+        Ok(())
+    }
+
+    /// Every account, by local part.
+    pub fn accounts(&self) -> StoreResult<Vec<(String, AccountRecord)>> {
+        self.userid_account
+            .iter()
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((
+                    suffix_str("userid_account", &k, 0)?,
+                    decode("userid_account", &v)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Who holds the token with this hash.
+    pub fn device_by_token(&self, token_hash: &str) -> StoreResult<Option<DeviceKey>> {
+        self.tokenhash_device
+            .get(token_hash)?
+            .map(|v| decode("tokenhash_device", &v))
+            .transpose()
+    }
+
+    /// Records a new device and its token.
+    pub fn add_device(&self, user: &str, device: &str, rec: &DeviceRecord) -> StoreResult<()> {
+        let owner = DeviceKey {
+            user: user.into(),
+            device: device.into(),
+        };
+        let res: Result<(), TransactionError<()>> =
+            (&self.userdevice_record, &self.tokenhash_device).transaction(|(records, tokens)| {
+                records.insert(key2(user, device.as_bytes()), encode(rec))?;
+                tokens.insert(rec.token_hash.as_bytes(), encode(&owner))?;
+                Ok(())
+            });
+        tx_result(res)
+    }
+
+    /// Removes a device and its token; returns the removed record.
+    pub fn remove_device(&self, user: &str, device: &str) -> StoreResult<Option<DeviceRecord>> {
+        let Some(rec) = self.device(user, device)? else {
+            return Ok(None);
+        };
+        let res: Result<(), TransactionError<()>> =
+            (&self.userdevice_record, &self.tokenhash_device).transaction(|(records, tokens)| {
+                records.remove(key2(user, device.as_bytes()))?;
+                tokens.remove(rec.token_hash.as_bytes())?;
+                Ok(())
+            });
+        tx_result(res)?;
+        Ok(Some(rec))
+    }
+
+    /// One device of a user.
+    pub fn device(&self, user: &str, device: &str) -> StoreResult<Option<DeviceRecord>> {
+        self.userdevice_record
+            .get(key2(user, device.as_bytes()))?
+            .map(|v| decode("userdevice_record", &v))
+            .transpose()
+    }
+
+    /// All devices of a user.
+    pub fn devices(&self, user: &str) -> StoreResult<Vec<(String, DeviceRecord)>> {
+        let p = prefix(user);
+        self.userdevice_record
+            .scan_prefix(&p)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((
+                    suffix_str("userdevice_record", &k, p.len())?,
+                    decode("userdevice_record", &v)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Moves a device's cursor forward (never back); false if the device is gone.
+    pub fn advance_cursor(&self, user: &str, device: &str, pos: u64) -> StoreResult<bool> {
+        let mut found = false;
+        self.userdevice_record
+            .fetch_and_update(key2(user, device.as_bytes()), |old| {
+                let old = old?;
+                found = true;
+                match serde_json::from_slice::<DeviceRecord>(old) {
+                    Ok(mut rec) if rec.cursor < pos => {
+                        rec.cursor = pos;
+                        Some(encode(&rec))
+                    }
+                    _ => Some(old.to_vec()),
+                }
+            })?;
+        Ok(found)
+    }
+
+    /// When the user was last active.
+    pub fn last_active(&self, user: &str) -> StoreResult<Option<u64>> {
+        self.userid_lastactive
+            .get(user)?
+            .map(|v| u64_of("userid_lastactive", &v))
+            .transpose()
+    }
+
+    /// Records the user's last activity.
+    pub fn set_last_active(&self, user: &str, ts: u64) -> StoreResult<()> {
+        self.userid_lastactive.insert(user, &ts.to_be_bytes())?;
+        Ok(())
+    }
+
+    // ---- channels ----
+
+    /// A channel's record.
+    pub fn channel(&self, id: &str) -> StoreResult<Option<ChannelRecord>> {
+        self.channelid_channel
+            .get(id)?
+            .map(|v| decode("channelid_channel", &v))
+            .transpose()
+    }
+
+    /// A user's membership in a channel.
+    pub fn member(&self, channel: &str, user: &str) -> StoreResult<Option<MemberRecord>> {
+        self.channeluser_member
+            .get(key2(channel, user.as_bytes()))?
+            .map(|v| decode("channeluser_member", &v))
+            .transpose()
+    }
+
+    /// All members of a channel.
+    pub fn members(&self, channel: &str) -> StoreResult<Vec<(String, MemberRecord)>> {
+        let p = prefix(channel);
+        self.channeluser_member
+            .scan_prefix(&p)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((
+                    suffix_str("channeluser_member", &k, p.len())?,
+                    decode("channeluser_member", &v)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Ids of the channels a user belongs to.
+    pub fn user_channels(&self, user: &str) -> StoreResult<Vec<String>> {
+        let p = prefix(user);
+        self.userchannel_index
+            .scan_prefix(&p)
+            .keys()
+            .map(|k| suffix_str("userchannel_index", &k?, p.len()))
+            .collect()
+    }
+
+    /// The direct channel of two users, if they have one.
+    pub fn direct_channel(&self, a: &str, b: &str) -> StoreResult<Option<String>> {
+        self.userpair_direct
+            .get(pair_key(a, b))?
+            .map(|v| suffix_str("userpair_direct", &v, 0))
+            .transpose()
+    }
+
+    /// The newest event of a channel.
+    pub fn last_event(&self, channel: &str) -> StoreResult<Option<Event>> {
+        let p = prefix(channel);
+        match self.channelpos_event.scan_prefix(&p).next_back() {
+            Some(r) => Ok(Some(decode("channelpos_event", &r?.1)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` events of a channel older than `before` (or the newest), newest first.
+    pub fn history(
+        &self,
+        channel: &str,
+        before: Option<&ChannelPos>,
+        limit: usize,
+    ) -> StoreResult<Vec<(ChannelPos, Event)>> {
+        let start = prefix(channel);
+        let end = match before {
+            Some(pos) => key2(channel, &pos.to_bytes()),
+            None => key2(channel, &[0xff; 9]),
+        };
+        self.channelpos_event
+            .range(start.clone()..end)
+            .rev()
+            .take(limit)
+            .map(|r| {
+                let (k, v) = r?;
+                let pos = k
+                    .get(start.len()..)
+                    .and_then(ChannelPos::from_bytes)
+                    .ok_or(StoreError::Corrupt {
+                        tree: "channelpos_event",
+                        detail: "bad key".into(),
+                    })?;
+                Ok((pos, decode("channelpos_event", &v)?))
+            })
+            .collect()
+    }
+
+    /// Whether an event with this id is stored.
+    pub fn has_event(&self, event_id: &str) -> StoreResult<bool> {
+        Ok(self.eventid_location.contains_key(event_id)?)
+    }
+
+    /// A user's inbox entries with positions in `(after, upto]`, oldest first, at most
+    /// `limit`, each resolved to its event with `pos` set.
+    pub fn inbox(
+        &self,
+        user: &str,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Event>> {
+        if after >= upto {
+            return Ok(Vec::new());
+        }
+        let start = key2(user, &(after + 1).to_be_bytes());
+        let end = key2(user, &upto.to_be_bytes());
+        let mut out = Vec::new();
+        for r in self.userpos_inbox.range(start..=end).take(limit) {
+            let (k, location) = r?;
+            let pos = u64_of(
+                "userpos_inbox",
+                k.get(k.len().saturating_sub(8)..).unwrap_or(&[]),
+            )?;
+            // An inbox entry is a reference; the event itself lives once, in its channel.
+            let Some(bytes) = self.channelpos_event.get(&location)? else {
+                return Err(StoreError::Corrupt {
+                    tree: "userpos_inbox",
+                    detail: format!("entry {pos} points to a missing event"),
+                });
+            };
+            let mut event: Event = decode("channelpos_event", &bytes)?;
+            event.pos = Some(pos);
+            out.push(event);
+        }
+        Ok(out)
+    }
+
+    /// What an earlier `send` with this key produced.
+    pub fn ack(&self, user: &str, key: &str) -> StoreResult<Option<AckRecord>> {
+        self.userkey_ack
+            .get(key2(user, key.as_bytes()))?
+            .map(|v| decode("userkey_ack", &v))
+            .transpose()
+    }
+
+    /// The node's highest assigned stream position.
+    pub fn stream_pos(&self) -> StoreResult<u64> {
+        self.meta
+            .get(META_STREAM_POS)?
+            .map(|v| u64_of("meta", &v))
+            .transpose()
+            .map(|p| p.unwrap_or(0))
+    }
+
+    /// Applies a write set atomically: after a crash either all of it is there or none.
+    pub fn apply(&self, w: &WriteSet) -> StoreResult<()> {
+        let events: Vec<(Vec<u8>, Vec<u8>, &str)> = w
+            .events
+            .iter()
+            .map(|(pos, ev)| {
+                (
+                    key2(&ev.channel, &pos.to_bytes()),
+                    encode(ev),
+                    ev.id.as_str(),
+                )
+            })
+            .collect();
+        let inbox: Vec<(Vec<u8>, Vec<u8>)> = w
+            .inbox
+            .iter()
+            .map(|(user, spos, channel, cpos)| {
+                (
+                    key2(user, &spos.to_be_bytes()),
+                    key2(channel, &cpos.to_bytes()),
+                )
+            })
+            .collect();
+        let res: Result<(), TransactionError<()>> = (
+            &self.channelid_channel,
+            &self.channeluser_member,
+            &self.userchannel_index,
+            &self.userpair_direct,
+            &self.channelpos_event,
+            &self.eventid_location,
+            &self.userpos_inbox,
+            &self.userkey_ack,
+            &self.meta,
+        )
+            .transaction(
+                |(channels, members, index, pairs, evs, locations, inboxes, acks, meta)| {
+                    for (id, rec) in &w.channels {
+                        channels.insert(id.as_bytes(), encode(rec))?;
+                    }
+                    for (channel, user, rec) in &w.members {
+                        let mk = key2(channel, user.as_bytes());
+                        let ik = key2(user, channel.as_bytes());
+                        match rec {
+                            Some(rec) => {
+                                members.insert(mk, encode(rec))?;
+                                index.insert(ik, &[])?;
+                            }
+                            None => {
+                                members.remove(mk)?;
+                                index.remove(ik)?;
+                            }
+                        }
+                    }
+                    for (a, b, channel) in &w.direct_pairs {
+                        pairs.insert(pair_key(a, b), channel.as_bytes())?;
+                    }
+                    for (key, value, id) in &events {
+                        evs.insert(key.as_slice(), value.as_slice())?;
+                        locations.insert(id.as_bytes(), key.as_slice())?;
+                    }
+                    for (key, location) in &inbox {
+                        inboxes.insert(key.as_slice(), location.as_slice())?;
+                    }
+                    for (user, key, ack) in &w.acks {
+                        acks.insert(key2(user, key.as_bytes()), encode(ack))?;
+                    }
+                    if let Some(pos) = w.stream_pos {
+                        meta.insert(META_STREAM_POS, &pos.to_be_bytes())?;
+                    }
+                    Ok::<(), ConflictableTransactionError<()>>(())
+                },
+            );
+        tx_result(res)
+    }
+}
+
+fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    key2(lo, hi.as_bytes())
+}
+
+fn tx_result(res: Result<(), TransactionError<()>>) -> StoreResult<()> {
+    match res {
+        Ok(()) => Ok(()),
+        Err(TransactionError::Storage(e)) => Err(StoreError::Engine(e)),
+        Err(TransactionError::Abort(())) => Err(StoreError::Corrupt {
+            tree: "transaction",
+            detail: "aborted".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_positions_sort_by_time_then_origin_then_sequence() {
+        let p = |ts, origin: &str, seq| ChannelPos {
+            ts,
+            origin: origin.into(),
+            seq,
+        };
+        let mut keys = vec![
+            p(2, "a", 0),
+            p(1, "b", 5),
+            p(1, "a", 9),
+            p(1, "ab", 1),
+            p(1, "a", 10),
+        ];
+        let mut bytes: Vec<_> = keys.iter().map(ChannelPos::to_bytes).collect();
+        keys.sort();
+        bytes.sort();
+        let decoded: Vec<_> = bytes
+            .iter()
+            .map(|b| ChannelPos::from_bytes(b).expect("decodes"))
+            .collect();
+        assert_eq!(decoded, keys);
+    }
+
+    #[test]
+    fn history_cursor_round_trips_and_refuses_garbage() {
+        let pos = ChannelPos {
+            ts: 17,
+            origin: "acme-corp.example".into(),
+            seq: 3,
+        };
+        assert_eq!(ChannelPos::from_cursor(&pos.to_cursor()), Some(pos));
+        assert_eq!(ChannelPos::from_cursor("nonsense"), None);
+        assert_eq!(ChannelPos::from_cursor("1-2-"), None);
+    }
+}
