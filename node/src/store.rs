@@ -712,3 +712,27 @@ mod tests {
         assert_eq!(ChannelPos::from_cursor("1-2-"), None);
     }
 }
+
+#[cfg(test)]
+mod reopen_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stream_position_survives_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            for pos in [2, 4, 6, 8] {
+                let w = WriteSet {
+                    stream_pos: Some(pos),
+                    ..WriteSet::default()
+                };
+                store.apply(&w).expect("apply");
+            }
+            store.flush().await.expect("flush");
+            assert_eq!(store.stream_pos().expect("pos"), 8);
+        }
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.stream_pos().expect("pos"), 8);
+    }
+}

@@ -245,12 +245,33 @@ impl Device {
         self.read().await.expect("the session is still open")
     }
 
+    /// Reads the next frame, heartbeating while it waits as a real client does.
     async fn read(&mut self) -> Option<ServerFrame> {
-        match tokio::time::timeout(WAIT, self.conn.next_frame()).await {
-            Ok(Ok(frame)) => frame,
-            Ok(Err(e)) => panic!("session failed: {e}"),
-            Err(_) => panic!("no frame from the server within {WAIT:?}"),
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let every = self.conn.ready().heartbeat_interval();
+        loop {
+            let tick = tokio::time::sleep(every);
+            tokio::select! {
+                frame = self.conn.next_frame() => match frame {
+                    Ok(frame) => return frame,
+                    Err(e) => panic!("session failed: {e}"),
+                },
+                _ = tick => {
+                    if tokio::time::Instant::now() >= deadline {
+                        panic!("no frame from the server within {WAIT:?}");
+                    }
+                    self.conn.heartbeat().await.expect("heartbeat");
+                }
+            }
         }
+    }
+
+    /// A presence frame of `user` that arrived and has not been consumed yet.
+    pub fn queued_presence_of(&self, user: &str) -> Option<hearth_client_api::model::PresenceInfo> {
+        self.queued.iter().find_map(|f| match f {
+            ServerFrame::Presence(p) if p.user == user => Some(p.clone()),
+            _ => None,
+        })
     }
 
     /// Waits for the next frame that `pick` accepts, keeping the others queued.
@@ -296,10 +317,13 @@ impl Device {
         .await
     }
 
-    /// A fresh idempotency key.
+    /// A fresh idempotency key, unique across every device of this test process (keys
+    /// are per user, so two devices of one user must not reuse each other's).
     pub fn key(&mut self) -> String {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         self.keys += 1;
-        format!("k{}-{}", self.keys, std::process::id())
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("k{n}-{}", self.keys)
     }
 
     /// Sends with `key` and waits for its ack: `(event_id, channel)`.

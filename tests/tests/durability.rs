@@ -1,0 +1,204 @@
+//! What survives: graceful restarts, SIGKILL right after an ack, and the admin commands on the store.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use hearth_client_api::model::EventContent;
+use hearth_client_api::{Client, ErrorCode, Target};
+use hearth_tests::{ChildNode, PASSWORD, TestNode, hearth_bin};
+
+#[tokio::test]
+async fn a_restart_keeps_history_memberships_and_cursors() {
+    let mut node = TestNode::start().await;
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let group = alice
+        .api
+        .create_group("kept", &[bob.id.clone()])
+        .await
+        .expect("group");
+    let mut a = alice.connect().await;
+    a.send_in(&group.id, "before the restart").await;
+    let mut b = bob.connect().await;
+    let last = b
+        .backlog
+        .last()
+        .and_then(|e| e.pos)
+        .expect("bob has events");
+    b.ack(last).await;
+    a.send_in(&group.id, "unread by bob").await;
+    b.message().await;
+    b.close().await;
+    a.close().await;
+
+    node.restart().await;
+    let alice = alice.on(&node);
+    let bob = bob.on(&node);
+    let history = alice
+        .api
+        .history(&group.id, None, None)
+        .await
+        .expect("history");
+    assert_eq!(history.events.len(), 4, "create, add and two messages");
+    let members = bob
+        .api
+        .members(&group.id)
+        .await
+        .expect("bob is still a member");
+    assert_eq!(members.members.len(), 2);
+    let b = bob.connect().await;
+    assert_eq!(b.ready().cursor, last, "the acknowledged cursor survived");
+    assert_eq!(b.backlog.len(), 1);
+    assert!(
+        matches!(&b.backlog[0].content, EventContent::Message { body } if body == "unread by bob")
+    );
+    // New positions continue after the old ones.
+    let mut a = alice.connect().await;
+    a.send_in(&group.id, "after the restart").await;
+    let mut b = b;
+    let e = b.event().await;
+    assert!(e.pos.expect("pos") > b.backlog[0].pos.expect("pos"));
+}
+
+#[tokio::test]
+async fn an_acknowledged_message_survives_sigkill() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let node = ChildNode::start(hearth_bin!(), dir.path());
+    let client = Client::new(&node.url()).expect("url");
+    let alice = client
+        .register("alice", PASSWORD, None)
+        .await
+        .expect("alice");
+    client.register("bob", PASSWORD, None).await.expect("bob");
+    let mut conn = client.connect_session(&alice.token).await.expect("session");
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let key = format!("k{i}");
+        conn.send_message(
+            key.clone(),
+            Target::User("bob@localhost".into()),
+            format!("m{i}"),
+        )
+        .await
+        .expect("send");
+        acked.push(key);
+    }
+    // Wait for the last ack, then kill at once: no graceful shutdown, no final flush.
+    let mut last_channel = String::new();
+    let mut seen = 0;
+    while seen < 50 {
+        match conn.next_frame().await.expect("frame").expect("open") {
+            hearth_client_api::ServerFrame::Ack { channel, .. } => {
+                seen += 1;
+                last_channel = channel;
+            }
+            hearth_client_api::ServerFrame::Error { code, message, .. } => {
+                panic!("send refused: {code}: {message}")
+            }
+            _ => {}
+        }
+    }
+    node.kill();
+
+    let node = ChildNode::start(hearth_bin!(), dir.path());
+    let client = Client::new(&node.url()).expect("url");
+    let bob = client
+        .login("bob", PASSWORD, None)
+        .await
+        .expect("bob logs in");
+    let page = client
+        .with_token(bob.token)
+        .history(&last_channel, None, Some(100))
+        .await
+        .expect("history");
+    let bodies: Vec<String> = page
+        .events
+        .iter()
+        .rev()
+        .filter_map(|e| match &e.content {
+            EventContent::Message { body } => Some(body.clone()),
+            _ => None,
+        })
+        .collect();
+    let expected: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        bodies, expected,
+        "every acknowledged message is there after SIGKILL"
+    );
+}
+
+fn hearth(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(hearth_bin!())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hearth");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("hearth exits");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn admin_commands_add_list_and_disable_users_in_the_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().to_str().expect("utf-8 path");
+    let (ok, out, err) = hearth(
+        &["user", "add", "carol", "--data-dir", data],
+        "a long password\n",
+    );
+    assert!(ok, "user add failed: {err}");
+    assert!(out.contains("created carol@localhost"));
+    let (ok, _, err) = hearth(
+        &["user", "add", "carol", "--data-dir", data],
+        "a long password\n",
+    );
+    assert!(
+        !ok && err.contains("taken"),
+        "a second add is refused: {err}"
+    );
+    let (ok, out, _) = hearth(&["user", "list", "--data-dir", data], "");
+    assert!(ok && out.contains("carol@localhost\tactive"));
+
+    // While a node runs, the store has one owner: the admin command says so.
+    let node = ChildNode::start(hearth_bin!(), dir.path());
+    let (ok, _, err) = hearth(&["user", "list", "--data-dir", data], "");
+    assert!(
+        !ok && err.contains("in use by a running node"),
+        "got: {err}"
+    );
+    let client = Client::new(&node.url()).expect("url");
+    let session = client
+        .login("carol", "a long password", None)
+        .await
+        .expect("carol logs in");
+    node.kill();
+
+    let (ok, out, err) = hearth(&["user", "disable", "carol", "--data-dir", data], "");
+    assert!(ok, "disable failed: {err}");
+    assert!(out.contains("disabled carol@localhost"));
+    let node = ChildNode::start(hearth_bin!(), dir.path());
+    let client = Client::new(&node.url()).expect("url");
+    let err = client
+        .login("carol", "a long password", None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::AccountDisabled));
+    let err = client.with_token(session.token).me().await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(ErrorCode::Unauthorized),
+        "old tokens were revoked"
+    );
+}
