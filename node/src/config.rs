@@ -182,3 +182,50 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order_defaults_file_environment_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "hearth.toml",
+                "server_name = \"acme.example\"\nmax_group_members = 50\nheartbeat_timeout_secs = 20\n",
+            )?;
+            jail.set_env("HEARTH_MAX_GROUP_MEMBERS", "60");
+            jail.set_env("HEARTH_UNRELATED", "ignored");
+            let flags = Overrides {
+                server_name: Some("flag.example".into()),
+                ..Overrides::default()
+            };
+            let c =
+                Config::load(Some(Path::new("hearth.toml")), &flags).map_err(|e| e.to_string())?;
+            assert_eq!(c.server_name, "flag.example", "flags win");
+            assert_eq!(c.max_group_members, 60, "environment beats the file");
+            assert_eq!(c.heartbeat_timeout_secs, 20, "the file beats defaults");
+            assert_eq!(c.auth_timeout_secs, 10, "defaults fill the rest");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "max_group_memberz = 5\n")?;
+            let err = Config::load(Some(Path::new("bad.toml")), &Overrides::default())
+                .expect_err("unknown key refused");
+            assert!(err.to_string().contains("max_group_memberz"), "{err}");
+            let err = Config::load(Some(Path::new("missing.toml")), &Overrides::default())
+                .expect_err("missing file refused");
+            assert!(err.to_string().contains("does not exist"), "{err}");
+            let flags = Overrides {
+                server_name: Some("Not A Name".into()),
+                ..Overrides::default()
+            };
+            assert!(Config::load(None, &flags).is_err());
+            Ok(())
+        });
+    }
+}

@@ -461,6 +461,130 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::{Context, Poll};
+    use tokio::sync::mpsc as chan;
+
+    /// An in-memory transport: the test plays the client on the other ends.
+    struct Pipe {
+        from_client: chan::UnboundedReceiver<WireIn>,
+        to_client: chan::UnboundedSender<WireOut>,
+    }
+
+    impl Stream for Pipe {
+        type Item = WireIn;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WireIn>> {
+            self.from_client.poll_recv(cx)
+        }
+    }
+
+    impl Sink<WireOut> for Pipe {
+        type Error = chan::error::SendError<WireOut>;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, item: WireOut) -> Result<(), Self::Error> {
+            self.to_client.send(item)
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    struct Client {
+        tx: chan::UnboundedSender<WireIn>,
+        rx: chan::UnboundedReceiver<WireOut>,
+    }
+
+    impl Client {
+        fn say(&self, frame: &str) {
+            self.tx
+                .send(WireIn::Text(frame.into()))
+                .expect("session alive");
+        }
+        async fn hear(&mut self) -> WireOut {
+            self.rx.recv().await.expect("session wrote something")
+        }
+    }
+
+    async fn services(dir: &std::path::Path) -> (Arc<Services>, crate::Node) {
+        let config = crate::Config {
+            data_dir: dir.to_path_buf(),
+            ..crate::Config::default()
+        };
+        let node = crate::Node::open(config).await.expect("node");
+        (node.services().clone(), node)
+    }
+
+    fn session(svc: Arc<Services>) -> Client {
+        let (tx, from_client) = chan::unbounded_channel();
+        let (to_client, rx) = chan::unbounded_channel();
+        tokio::spawn(run(
+            Pipe {
+                from_client,
+                to_client,
+            },
+            svc,
+        ));
+        Client { tx, rx }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_authenticates_is_closed_after_the_auth_timeout() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (svc, _node) = services(dir.path()).await;
+        tokio::time::pause();
+        let mut client = session(svc);
+        assert_eq!(
+            client.hear().await,
+            WireOut::Close(close::AUTH_TIMEOUT, "no auth frame in time".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_silent_session_is_closed_after_the_heartbeat_timeout_and_heartbeats_keep_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (svc, _node) = services(dir.path()).await;
+        svc.accounts
+            .create_account("alice", "a long password", false)
+            .await
+            .expect("account");
+        let login = svc
+            .accounts
+            .login("alice", "a long password", None)
+            .await
+            .expect("login");
+        let mut client = session(svc);
+        client.say(&format!(
+            r#"{{"type":"auth","v":1,"token":"{}"}}"#,
+            login.token
+        ));
+        let WireOut::Text(ready) = client.hear().await else {
+            panic!("ready expected")
+        };
+        assert!(ready.contains(r#""type":"ready""#));
+        let WireOut::Text(sync) = client.hear().await else {
+            panic!("sync expected")
+        };
+        assert!(sync.contains(r#""more":false"#));
+        tokio::time::pause();
+        // 20 s apart, within the 30 s timeout: still open after a minute.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(20)).await;
+            client.say(r#"{"type":"heartbeat"}"#);
+        }
+        tokio::task::yield_now().await;
+        assert!(
+            client.rx.try_recv().is_err(),
+            "nothing written, nothing closed"
+        );
+        assert_eq!(
+            client.hear().await,
+            WireOut::Close(close::HEARTBEAT_TIMEOUT, "no heartbeat in time".into())
+        );
+    }
 
     #[test]
     fn unknown_types_and_malformed_frames_are_told_apart() {
