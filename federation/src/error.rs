@@ -65,3 +65,54 @@ pub enum SignatureError {
     #[error("the system random number generator failed")]
     Entropy(#[source] getrandom::Error),
 }
+
+/// Why the node's identity could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The key file could not be read or written.
+    #[error("node key file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The key is malformed or the random source failed.
+    #[error("node key: {0}")]
+    Key(String),
+}
+
+/// Why an event or descriptor from another server was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventError {
+    /// Not JSON, or not of the event's shape.
+    #[error("malformed: {0}")]
+    Malformed(String),
+    /// An event version this server does not understand.
+    #[error("unknown event version {0}")]
+    UnknownVersion(u64),
+    /// The sender's domain is not the origin server.
+    #[error("sender {sender} does not belong to origin {origin}")]
+    ForeignSender {
+        /// The claimed sender.
+        sender: String,
+        /// The signing origin.
+        origin: String,
+    },
+    /// A membership event not made by the channel's home server.
+    #[error("membership of {channel} changed by {origin}, not its home server")]
+    NotHomeServer {
+        /// The channel.
+        channel: String,
+        /// The origin that tried.
+        origin: String,
+    },
+    /// The signature is missing, malformed or does not verify.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    /// Timestamped too far in the future.
+    #[error("timestamp {ts} is more than {window_ms} ms ahead of this server's clock")]
+    FromTheFuture {
+        /// The event's timestamp.
+        ts: u64,
+        /// The allowed window.
+        window_ms: u64,
+    },
+}

@@ -5,15 +5,29 @@
 //! - [`canonical`]: Matrix canonical JSON, the bytes that are signed and hashed.
 //! - [`signing`]: the server key, signing and verifying JSON objects, event ids
 //!   (pure functions, checked against the Matrix specification's test vectors).
-//! - [`error`]: the errors of `canonical` and `signing`.
+//! - [`error`]: the errors of every module here.
+//! - [`identity`]: the node key file; one key is both the PeerId and the signing key.
+//! - [`event`]: [`SignedEvent`], the unit that crosses servers.
+//! - [`protocol`]: server-to-server requests, the signed server descriptor, presence
+//!   announcements.
+//! - [`network`]: the libp2p swarm behind a cloneable [`Network`] handle and an
+//!   [`EventLoop`] task.
 pub mod canonical;
 pub mod clock;
 pub mod error;
+pub mod event;
+pub mod identity;
+pub mod network;
+pub mod protocol;
 pub mod signing;
+
+pub use event::SignedEvent;
+pub use identity::NodeIdentity;
+pub use network::{EventLoop, Network, NetworkConfig, NetworkEvent};
 
 pub use canonical::canonical_json;
 pub use clock::Hlc;
-pub use error::{CanonicalError, SignatureError};
+pub use error::{CanonicalError, EventError, IdentityError, SignatureError};
 pub use signing::{
     ServerKey, VerifyingKey, event_id, key_id_for, sign_json, verify_json, verifying_key_from_bytes,
 };
