@@ -52,6 +52,8 @@ pub enum ErrorCode {
     UnsupportedVersion,
     /// The route does not exist.
     NotFound,
+    /// The route exists but does not take this HTTP method.
+    MethodNotAllowed,
     /// The server failed; the request may be retried.
     Internal,
 }
@@ -82,6 +84,7 @@ impl ErrorCode {
             ErrorCode::NotAuthenticated => "not_authenticated",
             ErrorCode::UnsupportedVersion => "unsupported_version",
             ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
         }
     }
@@ -107,6 +110,7 @@ impl ErrorCode {
             | ErrorCode::UnknownDevice
             | ErrorCode::NotFound => 404,
             ErrorCode::UserExists | ErrorCode::AlreadyMember | ErrorCode::GroupFull => 409,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::TooLarge => 413,
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
@@ -141,4 +145,6 @@ pub mod close {
     pub const TOO_SLOW: u16 = 4005;
     /// The device was logged out (or the account disabled) while connected.
     pub const LOGGED_OUT: u16 = 4006;
+    /// The server failed while serving the session; reconnect.
+    pub const SERVER_ERROR: u16 = 1011;
 }

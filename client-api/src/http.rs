@@ -124,7 +124,7 @@ pub struct Problem {
     /// `urn:hearth:error:<code>`.
     #[serde(rename = "type")]
     pub kind: String,
-    /// Short summary of the code.
+    /// Short summary of the HTTP status (e.g. "Forbidden").
     pub title: String,
     /// HTTP status.
     pub status: u16,

@@ -11,7 +11,7 @@ use hearth_federation::clock::wall_ms;
 use sha2::{Digest, Sha256};
 use tracing::{info, instrument};
 
-use crate::config::Registration;
+use crate::config::{FederationPolicy, Registration};
 use crate::error::{ApiError, ApiResult};
 use crate::hub::Hub;
 use crate::store::{AccountRecord, DeviceKey, DeviceRecord, Store};
@@ -36,6 +36,7 @@ pub struct Accounts {
     hub: Hub,
     server_name: String,
     registration: Registration,
+    policy: FederationPolicy,
 }
 
 /// Whether `name` is a usable server name (domain-like, lowercase).
@@ -77,6 +78,18 @@ pub fn token_hash(token: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A device name as given, or the default; 1 to 64 characters.
+fn device_name_of(given: Option<&str>) -> ApiResult<&str> {
+    let name = given.unwrap_or("unnamed device").trim();
+    if name.is_empty() || name.chars().count() > 64 {
+        return Err(ApiError::new(
+            ErrorCode::InvalidField,
+            "device_name must be 1 to 64 characters",
+        ));
+    }
+    Ok(name)
+}
+
 fn internal(what: &str) -> ApiError {
     tracing::error!("{what}");
     ApiError::new(ErrorCode::Internal, "the server failed; try again")
@@ -105,12 +118,46 @@ async fn verify_password(password: String, hash: String) -> ApiResult<bool> {
 
 impl Accounts {
     /// Account rules for the node named `server_name`.
-    pub fn new(store: Store, hub: Hub, server_name: String, registration: Registration) -> Self {
+    pub fn new(
+        store: Store,
+        hub: Hub,
+        registration: Registration,
+        policy: FederationPolicy,
+    ) -> Self {
         Accounts {
             store,
             hub,
-            server_name,
+            server_name: policy.own.clone(),
             registration,
+            policy,
+        }
+    }
+
+    /// Which servers this node federates with.
+    pub fn policy(&self) -> &FederationPolicy {
+        &self.policy
+    }
+
+    /// Resolves what a client typed (`bob`, `bob@here`, `bob@elsewhere`) to a user id:
+    /// an existing local user, or a well-formed user of a server this node federates with.
+    pub fn resolve_user(&self, who: &str) -> ApiResult<String> {
+        match who.split_once('@') {
+            Some((local, server)) if server != self.server_name => {
+                if !valid_username(local) || !valid_server_name(server) {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidField,
+                        format!("{who:?} is not a valid user id"),
+                    ));
+                }
+                if !self.policy.federates_with(server) {
+                    return Err(ApiError::new(
+                        ErrorCode::UnknownUser,
+                        format!("{who} is on {server}, and this node does not federate with it"),
+                    ));
+                }
+                Ok(who.to_string())
+            }
+            _ => self.resolve_local_user(who),
         }
     }
 
@@ -213,6 +260,7 @@ impl Accounts {
         password: &str,
         device_name: Option<&str>,
     ) -> ApiResult<Session> {
+        device_name_of(device_name)?;
         self.create_account(username, password, false).await?;
         self.login(username, password, device_name).await
     }
@@ -246,13 +294,7 @@ impl Accounts {
                 "this account has been disabled by the server's administrator",
             ));
         }
-        let name = device_name.unwrap_or("unnamed device").trim();
-        if name.is_empty() || name.chars().count() > 64 {
-            return Err(ApiError::new(
-                ErrorCode::InvalidField,
-                "device_name must be 1 to 64 characters",
-            ));
-        }
+        let name = device_name_of(device_name)?;
         let user = self.user_id(username);
         let device = random_token(9)?;
         let token = random_token(32)?;

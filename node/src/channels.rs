@@ -1,24 +1,32 @@
-//! Channels: direct and group conversations, membership and its events, sending, history.
+//! Channels: direct and group conversations, membership and its events, sending, history, and taking in events from other servers.
+//!
+//! Every change goes through [`Inboxes::write`] with a [`Batch`]: channel states
+//! loaded once and changed in memory, events signed and staged, inbox entries for
+//! local members, outbox entries for the other servers that take part. The
+//! same membership rules judge local changes and changes made by other servers,
+//! so every server ends with the same membership.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use futures_util::future::BoxFuture;
 use hearth_client_api::ErrorCode;
 use hearth_client_api::http::{HistoryPage, MemberList};
-use hearth_client_api::model::{
-    ChannelKind, ChannelSummary, Event, EventContent, Member, MembershipAction, Role,
-};
+use hearth_client_api::model::{self, ChannelKind, ChannelSummary, Event, Member, Role};
 use hearth_federation::Hlc;
-use hearth_federation::clock::wall_ms;
-use sha2::{Digest, Sha256};
+use hearth_federation::event::{EventContent, MembershipAction, home_server, user_server};
+use hearth_federation::signing::ServerKey;
+use hearth_federation::{EventError, SignedEvent};
 use tracing::instrument;
 
 use crate::accounts::{Accounts, DeviceAuth};
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
-use crate::store::{AckRecord, ChannelPos, ChannelRecord, MemberRecord, Store, WriteSet};
+use crate::store::{
+    AckRecord, ChannelPos, ChannelRecord, MemberRecord, Store, StoredEvent, WriteSet,
+};
 use crate::sync::{Delivery, Inboxes, Positions, Staged};
 
 /// Where a message goes.
@@ -50,6 +58,42 @@ pub struct ChannelLimits {
     pub max_body_bytes: usize,
 }
 
+/// What the channels need from federation: asking a channel's home server to
+/// change membership, and waking the outbox once events are durable.
+pub trait Remote: Send + Sync {
+    /// Asks `home` to apply a membership change on behalf of local user `actor`.
+    fn change_membership(
+        &self,
+        home: String,
+        channel: String,
+        actor: String,
+        action: MembershipAction,
+        user: String,
+    ) -> BoxFuture<'static, ApiResult<()>>;
+
+    /// New events wait in the outboxes of these servers.
+    fn outbox_ready(&self, servers: Vec<String>);
+}
+
+/// Why an event from another server was not taken in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Invalid for good; it will never be taken in.
+    Invalid(String),
+    /// Cannot be judged yet (membership not known); ask again later.
+    NotYet(String),
+}
+
+impl Refusal {
+    /// The reason as it travels back to the sender: `retry:` marks transient ones.
+    pub fn wire(&self) -> String {
+        match self {
+            Refusal::Invalid(r) => r.clone(),
+            Refusal::NotYet(r) => format!("retry: {r}"),
+        }
+    }
+}
+
 /// Channel rules over the store and the inboxes.
 #[derive(Clone)]
 pub struct Channels {
@@ -59,6 +103,8 @@ pub struct Channels {
     clock: Arc<Hlc>,
     limits: ChannelLimits,
     metrics: Metrics,
+    key: ServerKey,
+    remote: Arc<OnceLock<Arc<dyn Remote>>>,
 }
 
 const MAX_KEY_CHARS: usize = 64;
@@ -69,49 +115,458 @@ fn not_member() -> ApiError {
     ApiError::new(ErrorCode::NotMember, "you are not a member of this channel")
 }
 
-/// The id of an event: a hash of its content, so equal events have equal ids and
-/// nobody can alter an event without changing its id.
-fn event_id(event: &Event) -> String {
-    let bytes = serde_json::to_vec(event).unwrap_or_default();
-    format!("${}", URL_SAFE_NO_PAD.encode(Sha256::digest(bytes)))
+fn group_full(max: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::GroupFull,
+        format!("a group can have at most {max} members"),
+    )
 }
 
-fn channel_pos(event: &Event) -> ChannelPos {
-    ChannelPos {
-        ts: event.ts,
-        origin: event.origin.clone(),
-        seq: event.seq,
-    }
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "channel operation failed");
+    ApiError::new(ErrorCode::Internal, "the server failed; try again")
 }
 
-/// One staged event and its fan-out to `recipients`.
-fn stage_event(
-    writes: &mut WriteSet,
-    deliveries: &mut Vec<Delivery>,
-    positions: &mut Positions,
-    mut event: Event,
-    recipients: &[String],
-) -> Arc<Event> {
-    event.id = event_id(&event);
-    let cpos = channel_pos(&event);
-    let event = Arc::new(event);
-    writes.events.push((cpos.clone(), (*event).clone()));
-    for user in recipients {
-        let pos = positions.next_pos();
-        writes
-            .inbox
-            .push((user.clone(), pos, event.channel.clone(), cpos.clone()));
-        deliveries.push(Delivery {
+/// The client's view of a stored event.
+pub fn client_event(stored: &StoredEvent, pos: Option<u64>) -> Event {
+    let e = &stored.event;
+    let content = match &e.content {
+        EventContent::Message { body } => model::EventContent::Message { body: body.clone() },
+        EventContent::Membership {
+            action,
+            user,
+            version,
+            name,
+            ..
+        } => model::EventContent::Membership {
+            action: match action {
+                MembershipAction::Create => model::MembershipAction::Create,
+                MembershipAction::Add => model::MembershipAction::Add,
+                MembershipAction::Remove => model::MembershipAction::Remove,
+                MembershipAction::Leave => model::MembershipAction::Leave,
+            },
             user: user.clone(),
-            pos,
-            event: event.clone(),
-        });
+            version: *version,
+            name: name.clone(),
+        },
+    };
+    Event {
+        id: stored.id.clone(),
+        channel: e.channel.clone(),
+        sender: e.sender.clone(),
+        origin: e.origin.clone(),
+        seq: e.seq,
+        ts: e.ts,
+        pos,
+        content,
     }
-    event
+}
+
+fn is_membership(e: &StoredEvent) -> bool {
+    matches!(e.event.content, EventContent::Membership { .. })
+}
+
+/// One channel's state as a write sees it: loaded once, changed in memory.
+struct ChannelState {
+    rec: Option<ChannelRecord>,
+    members: BTreeMap<String, MemberRecord>,
+    member_changes: Vec<(String, Option<MemberRecord>)>,
+    changed: bool,
+}
+
+impl ChannelState {
+    fn is_direct(&self) -> bool {
+        self.rec
+            .as_ref()
+            .is_some_and(|r| r.kind == ChannelKind::Direct)
+    }
+
+    fn set_member(&mut self, user: &str, rec: Option<MemberRecord>) {
+        match &rec {
+            Some(r) => {
+                self.members.insert(user.to_string(), r.clone());
+            }
+            None => {
+                self.members.remove(user);
+            }
+        }
+        self.member_changes.push((user.to_string(), rec));
+        self.changed = true;
+    }
+
+    /// Applies a membership event, made here or by the channel's home server. The
+    /// rules are the same everywhere: versions follow each other without gaps.
+    fn apply_membership(&mut self, channel: &str, e: &SignedEvent) -> Result<(), Refusal> {
+        let EventContent::Membership {
+            action,
+            user,
+            version,
+            name,
+            direct,
+        } = &e.content
+        else {
+            return Ok(());
+        };
+        let current = self.rec.as_ref().map_or(0, |r| r.version);
+        if *version <= current {
+            return Err(Refusal::Invalid(format!(
+                "membership version {version} of {channel} is already taken"
+            )));
+        }
+        if *version > current + 1 {
+            return Err(Refusal::NotYet(format!(
+                "membership version {version} of {channel} follows {}, which this server lacks",
+                current + 1
+            )));
+        }
+        match action {
+            MembershipAction::Create => {
+                if self.rec.is_some() || *version != 1 || *user != e.sender {
+                    return Err(Refusal::Invalid(
+                        "a create must be version 1, by its creator".into(),
+                    ));
+                }
+                self.rec = Some(ChannelRecord {
+                    kind: if *direct {
+                        ChannelKind::Direct
+                    } else {
+                        ChannelKind::Group
+                    },
+                    name: name.clone().unwrap_or_default(),
+                    created_by: e.sender.clone(),
+                    created_at: e.ts,
+                    version: 0,
+                    member_count: 0,
+                    next_seq: 0,
+                });
+                let role = if *direct { Role::Member } else { Role::Admin };
+                self.set_member(
+                    user,
+                    Some(MemberRecord {
+                        role,
+                        joined_at: e.ts,
+                    }),
+                );
+            }
+            MembershipAction::Add => {
+                if self.members.contains_key(user) {
+                    return Err(Refusal::Invalid(format!("{user} is already a member")));
+                }
+                if self.is_direct() && self.members.len() >= 2 {
+                    return Err(Refusal::Invalid("a direct channel has two members".into()));
+                }
+                self.set_member(
+                    user,
+                    Some(MemberRecord {
+                        role: Role::Member,
+                        joined_at: e.ts,
+                    }),
+                );
+            }
+            MembershipAction::Remove | MembershipAction::Leave => {
+                if !self.members.contains_key(user) {
+                    return Err(Refusal::Invalid(format!("{user} is not a member")));
+                }
+                self.set_member(user, None);
+            }
+        }
+        let count = self.members.len();
+        if let Some(rec) = self.rec.as_mut() {
+            rec.version = *version;
+            rec.member_count = count;
+        }
+        self.changed = true;
+        Ok(())
+    }
+}
+
+/// Everything one write changes, built up while the write lock is held.
+struct Batch<'a> {
+    channels: &'a Channels,
+    states: HashMap<String, ChannelState>,
+    writes: WriteSet,
+    deliveries: Vec<Delivery>,
+    remote_servers: BTreeSet<String>,
+}
+
+impl<'a> Batch<'a> {
+    fn new(channels: &'a Channels) -> Self {
+        Batch {
+            channels,
+            states: HashMap::new(),
+            writes: WriteSet::default(),
+            deliveries: Vec::new(),
+            remote_servers: BTreeSet::new(),
+        }
+    }
+
+    fn server_name(&self) -> &str {
+        self.channels.accounts.server_name()
+    }
+
+    fn state(&mut self, channel: &str) -> ApiResult<&mut ChannelState> {
+        if !self.states.contains_key(channel) {
+            let store = &self.channels.store;
+            let state = ChannelState {
+                rec: store.channel(channel)?,
+                members: store.members(channel)?.into_iter().collect(),
+                member_changes: Vec::new(),
+                changed: false,
+            };
+            self.states.insert(channel.to_string(), state);
+        }
+        self.states
+            .get_mut(channel)
+            .ok_or_else(|| internal("channel state vanished"))
+    }
+
+    /// A channel the user belongs to.
+    fn member_channel(&mut self, user: &str, channel: &str) -> ApiResult<&mut ChannelState> {
+        let state = self.state(channel)?;
+        if state.rec.is_none() {
+            return Err(ApiError::new(
+                ErrorCode::UnknownChannel,
+                format!("there is no channel {channel}"),
+            ));
+        }
+        if !state.members.contains_key(user) {
+            return Err(not_member());
+        }
+        Ok(state)
+    }
+
+    /// Signs a new event of this server in `channel` and stages it with its fan-out.
+    fn new_event(
+        &mut self,
+        positions: &mut Positions,
+        channel: &str,
+        sender: &str,
+        content: EventContent,
+    ) -> ApiResult<StoredEvent> {
+        let origin = self.server_name().to_string();
+        let channels = self.channels;
+        let state = self.state(channel)?;
+        let (seq, mver) = match state.rec.as_mut() {
+            Some(rec) => {
+                let seq = rec.next_seq;
+                rec.next_seq += 1;
+                (seq, rec.version)
+            }
+            None => (0, 0),
+        };
+        state.changed = true;
+        let version_after = match &content {
+            EventContent::Membership { version, .. } => *version,
+            _ => mver,
+        };
+        let unsigned = SignedEvent {
+            v: hearth_federation::event::EVENT_VERSION,
+            channel: channel.to_string(),
+            origin,
+            sender: sender.to_string(),
+            seq,
+            ts: channels.clock.now(),
+            // A membership event is made under the version it creates; a message under
+            // the current one.
+            mver: version_after,
+            content,
+            signatures: BTreeMap::new(),
+        };
+        let (event, id) = unsigned.sign(&channels.key).map_err(internal)?;
+        let stored = StoredEvent { id, event };
+        self.take_in(positions, &stored, true)
+            .map_err(|r| ApiError::new(ErrorCode::BadRequest, r.wire()))?;
+        // The create of a channel made its record; give it the sequence counter.
+        if let Some(rec) = self.state(channel)?.rec.as_mut() {
+            rec.next_seq = rec.next_seq.max(seq + 1);
+        }
+        Ok(stored)
+    }
+
+    /// Applies an event to its channel's state and stages it: stored once, an inbox
+    /// entry per local member, and (for events made here) an outbox entry per other
+    /// server that takes part.
+    fn take_in(
+        &mut self,
+        positions: &mut Positions,
+        stored: &StoredEvent,
+        ours: bool,
+    ) -> Result<(), Refusal> {
+        let e = &stored.event;
+        let server = self.server_name().to_string();
+        let state = self
+            .state(&e.channel)
+            .map_err(|err| Refusal::NotYet(err.message))?;
+        let before: BTreeSet<String> = state.members.keys().cloned().collect();
+        let hidden = match &e.content {
+            EventContent::Membership { direct, .. } => {
+                state.apply_membership(&e.channel, e)?;
+                *direct || state.is_direct()
+            }
+            EventContent::Message { .. } => {
+                if !ours {
+                    let Some(rec) = state.rec.as_ref() else {
+                        return Err(Refusal::NotYet(format!(
+                            "channel {} is not known here yet",
+                            e.channel
+                        )));
+                    };
+                    if e.mver > rec.version {
+                        return Err(Refusal::NotYet(format!(
+                            "membership version {} of {} is not known here yet",
+                            e.mver, e.channel
+                        )));
+                    }
+                }
+                false
+            }
+        };
+        if let (EventContent::Message { .. }, false) = (&e.content, ours) {
+            let members_then = self
+                .members_at(&e.channel, e.mver)
+                .map_err(|err| Refusal::NotYet(err.message))?;
+            if !members_then.contains(&e.sender) {
+                return Err(Refusal::Invalid(format!(
+                    "{} was not a member of {} at membership version {}",
+                    e.sender, e.channel, e.mver
+                )));
+            }
+        }
+        let state = self
+            .state(&e.channel)
+            .map_err(|err| Refusal::NotYet(err.message))?;
+        let after: BTreeSet<String> = state.members.keys().cloned().collect();
+        if let Some(rec) = state.rec.as_mut() {
+            if e.origin == server {
+                rec.next_seq = rec.next_seq.max(e.seq + 1);
+            }
+        }
+        // Who hears of it: members after the event, and whoever it removed.
+        let audience: BTreeSet<String> = after.union(&before).cloned().collect();
+        if !hidden {
+            let event = Arc::new(client_event(stored, None));
+            for user in audience
+                .iter()
+                .filter(|u| user_server(u) == Some(server.as_str()))
+            {
+                let pos = positions.next_pos();
+                self.writes.inbox.push((
+                    user.clone(),
+                    pos,
+                    e.channel.clone(),
+                    stored.channel_pos(),
+                ));
+                self.deliveries.push(Delivery {
+                    user: user.clone(),
+                    pos,
+                    event: event.clone(),
+                });
+            }
+        }
+        if ours {
+            let servers: BTreeSet<String> = audience
+                .iter()
+                .filter_map(|u| user_server(u))
+                .filter(|s| *s != server)
+                .map(str::to_string)
+                .collect();
+            for s in servers {
+                self.writes.outbox.push((s.clone(), stored.id.clone()));
+                self.remote_servers.insert(s);
+            }
+        }
+        if let (
+            EventContent::Membership {
+                action: MembershipAction::Add,
+                user,
+                ..
+            },
+            true,
+        ) = (
+            &e.content,
+            self.state(&e.channel)
+                .map(|s| s.is_direct())
+                .unwrap_or(false),
+        ) {
+            // The direct channel of a pair: the lowest id wins if two were made at once,
+            // so every server maps the pair to the same channel.
+            let creator = e.sender.clone();
+            let existing = self
+                .channels
+                .store
+                .direct_channel(&creator, user)
+                .ok()
+                .flatten();
+            if existing.as_ref().is_none_or(|x| *x > e.channel) {
+                self.writes
+                    .direct_pairs
+                    .push((creator, user.clone(), e.channel.clone()));
+            }
+        }
+        self.writes.events.push(stored.clone());
+        Ok(())
+    }
+
+    /// The members of a channel at a membership version, replaying its log.
+    fn members_at(&mut self, channel: &str, version: u64) -> ApiResult<BTreeSet<String>> {
+        let state = self.state(channel)?;
+        if state.rec.as_ref().map(|r| r.version) == Some(version) {
+            return Ok(state.members.keys().cloned().collect());
+        }
+        let mut replay = ChannelState {
+            rec: None,
+            members: BTreeMap::new(),
+            member_changes: Vec::new(),
+            changed: false,
+        };
+        let mut log = self
+            .channels
+            .store
+            .membership_log(channel, 0, version as usize)?;
+        // Include membership events staged earlier in this batch.
+        log.extend(
+            self.writes
+                .events
+                .iter()
+                .filter(|s| s.event.channel == channel && is_membership(s))
+                .cloned(),
+        );
+        for stored in log {
+            if let EventContent::Membership { version: v, .. } = stored.event.content {
+                if v <= version && replay.rec.as_ref().map_or(0, |r| r.version) + 1 == v {
+                    let _ = replay.apply_membership(channel, &stored.event);
+                }
+            }
+        }
+        Ok(replay.members.keys().cloned().collect())
+    }
+
+    /// Turns the batch into a write for [`Inboxes::write`].
+    fn finish<T>(mut self, reply: T) -> (Staged<T>, Vec<String>) {
+        for (id, state) in self.states {
+            if !state.changed {
+                continue;
+            }
+            for (user, rec) in state.member_changes {
+                self.writes.members.push((id.clone(), user, rec));
+            }
+            if let Some(rec) = state.rec {
+                self.writes.channels.push((id, rec));
+            }
+        }
+        (
+            Staged {
+                writes: self.writes,
+                deliveries: self.deliveries,
+                reply,
+            },
+            self.remote_servers.into_iter().collect(),
+        )
+    }
 }
 
 impl Channels {
-    /// Channel rules for this node.
+    /// Channel rules for this node; events are signed with `key`.
     pub fn new(
         store: Store,
         inboxes: Inboxes,
@@ -119,6 +574,7 @@ impl Channels {
         clock: Arc<Hlc>,
         limits: ChannelLimits,
         metrics: Metrics,
+        key: ServerKey,
     ) -> Self {
         Channels {
             store,
@@ -127,127 +583,114 @@ impl Channels {
             clock,
             limits,
             metrics,
+            key,
+            remote: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Connects the channels to federation (once, at start-up).
+    pub fn set_remote(&self, remote: Arc<dyn Remote>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// The node's clock.
+    pub fn clock(&self) -> &Hlc {
+        &self.clock
+    }
+
+    fn server_name(&self) -> &str {
+        self.accounts.server_name()
     }
 
     fn new_channel_id(&self) -> ApiResult<String> {
         let mut raw = [0u8; 12];
-        getrandom::fill(&mut raw).map_err(|e| {
-            tracing::error!(error = %e, "system random source failed");
-            ApiError::new(ErrorCode::Internal, "the server failed; try again")
-        })?;
+        getrandom::fill(&mut raw).map_err(internal)?;
         Ok(format!(
             "{}@{}",
             URL_SAFE_NO_PAD.encode(raw),
-            self.accounts.server_name()
+            self.server_name()
         ))
     }
 
-    fn new_event(
+    /// Runs a batch under the write lock, waits until it is durable, then wakes the
+    /// outboxes of the servers it concerns.
+    async fn write<T: Send>(
         &self,
-        channel: &str,
-        sender: &str,
-        rec: &mut ChannelRecord,
-        content: EventContent,
-    ) -> Event {
-        let seq = rec.next_seq;
-        rec.next_seq += 1;
-        Event {
-            id: String::new(),
-            channel: channel.to_string(),
-            sender: sender.to_string(),
-            origin: self.accounts.server_name().to_string(),
-            seq,
-            ts: self.clock.now(),
-            pos: None,
-            content,
-        }
-    }
-
-    fn member_ids(&self, channel: &str) -> ApiResult<Vec<String>> {
-        Ok(self
-            .store
-            .members(channel)?
-            .into_iter()
-            .map(|(u, _)| u)
-            .collect())
-    }
-
-    /// A channel the caller belongs to.
-    fn channel_of_member(&self, user: &str, channel: &str) -> ApiResult<ChannelRecord> {
-        let Some(rec) = self.store.channel(channel)? else {
-            return Err(ApiError::new(
-                ErrorCode::UnknownChannel,
-                format!("there is no channel {channel}"),
-            ));
-        };
-        if self.store.member(channel, user)?.is_none() {
-            return Err(not_member());
-        }
-        Ok(rec)
-    }
-
-    fn group_of_admin(&self, user: &str, channel: &str) -> ApiResult<ChannelRecord> {
-        let rec = self.channel_of_member(user, channel)?;
-        if rec.kind == ChannelKind::Direct {
-            return Err(ApiError::new(
-                ErrorCode::DirectChannel,
-                "a direct chat always has exactly its two members",
-            ));
-        }
-        match self.store.member(channel, user)? {
-            Some(MemberRecord {
-                role: Role::Admin, ..
-            }) => Ok(rec),
-            _ => Err(ApiError::new(
-                ErrorCode::NotChannelAdmin,
-                "only an admin of this group can do that",
-            )),
-        }
-    }
-
-    /// Finds the direct channel of two users, or stages its creation.
-    fn direct_channel(
-        &self,
-        writes: &mut WriteSet,
-        a: &str,
-        b: &str,
-    ) -> ApiResult<(String, ChannelRecord)> {
-        if let Some(id) = self.store.direct_channel(a, b)? {
-            if let Some(rec) = self.store.channel(&id)? {
-                return Ok((id, rec));
+        build: impl FnOnce(&mut Batch<'_>, &mut Positions) -> ApiResult<T>,
+    ) -> ApiResult<T> {
+        let mut servers = Vec::new();
+        let reply = self
+            .inboxes
+            .write(|positions| {
+                let mut batch = Batch::new(self);
+                let reply = build(&mut batch, positions)?;
+                let (staged, remote) = batch.finish(reply);
+                servers = remote;
+                Ok(staged)
+            })
+            .await?;
+        if !servers.is_empty() {
+            if let Some(remote) = self.remote.get() {
+                remote.outbox_ready(servers);
             }
         }
-        let id = self.new_channel_id()?;
-        let now = wall_ms();
-        let rec = ChannelRecord {
-            kind: ChannelKind::Direct,
-            name: String::new(),
-            created_by: a.to_string(),
-            created_at: now,
-            version: 1,
-            member_count: 2,
-            next_seq: 0,
-        };
-        for user in [a, b] {
-            writes.members.push((
-                id.clone(),
-                user.to_string(),
-                Some(MemberRecord {
-                    role: Role::Member,
-                    joined_at: now,
-                }),
-            ));
-        }
-        writes
-            .direct_pairs
-            .push((a.to_string(), b.to_string(), id.clone()));
-        writes.channels.push((id.clone(), rec.clone()));
-        Ok((id, rec))
+        Ok(reply)
     }
 
-    /// Stores a message durably, fans it out to every member's inbox, and returns the
-    /// ack. A repeat of an earlier key returns that earlier ack and stores nothing.
+    /// Stages the direct channel of two users, creating it (with its two hidden
+    /// membership events) if they have none.
+    fn direct_channel(
+        &self,
+        batch: &mut Batch<'_>,
+        positions: &mut Positions,
+        a: &str,
+        b: &str,
+    ) -> ApiResult<String> {
+        if let Some(id) = self.store.direct_channel(a, b)? {
+            if batch.state(&id)?.rec.is_some() {
+                return Ok(id);
+            }
+        }
+        if let Some(id) = batch
+            .writes
+            .direct_pairs
+            .iter()
+            .find(|(x, y, _)| (x == a && y == b) || (x == b && y == a))
+            .map(|(_, _, id)| id.clone())
+        {
+            return Ok(id);
+        }
+        let id = self.new_channel_id()?;
+        batch.new_event(
+            positions,
+            &id,
+            a,
+            EventContent::Membership {
+                action: MembershipAction::Create,
+                user: a.to_string(),
+                version: 1,
+                name: None,
+                direct: true,
+            },
+        )?;
+        batch.new_event(
+            positions,
+            &id,
+            a,
+            EventContent::Membership {
+                action: MembershipAction::Add,
+                user: b.to_string(),
+                version: 2,
+                name: None,
+                direct: false,
+            },
+        )?;
+        Ok(id)
+    }
+
+    /// Stores a message durably, fans it out to every local member's inbox and to
+    /// every other server that takes part, and returns the ack. A repeat of an
+    /// earlier key returns that earlier ack and stores nothing.
     #[instrument(skip(self, body), fields(user = %auth.user, key = %key))]
     pub async fn send(
         &self,
@@ -280,7 +723,7 @@ impl Channels {
         }
         let target = match target {
             Target::User(who) => {
-                let other = self.accounts.resolve_local_user(&who)?;
+                let other = self.accounts.resolve_user(&who)?;
                 if other == auth.user {
                     return Err(ApiError::new(
                         ErrorCode::InvalidRecipient,
@@ -293,52 +736,42 @@ impl Channels {
         };
         let sender = auth.user.clone();
         let ack = self
-            .inboxes
-            .write(|positions| {
+            .write(|batch, positions| {
                 if let Some(prev) = self.store.ack(&sender, key)? {
-                    return Ok(Staged::nothing(Ack {
+                    return Ok(Ack {
                         event_id: prev.event_id,
                         channel: prev.channel,
                         ts: prev.ts,
-                    }));
+                    });
                 }
-                let mut writes = WriteSet::default();
-                let (channel, mut rec, members) = match &target {
-                    Target::User(other) => {
-                        let (id, rec) = self.direct_channel(&mut writes, &sender, other)?;
-                        (id, rec, vec![sender.clone(), other.clone()])
-                    }
+                let channel = match &target {
+                    Target::User(other) => self.direct_channel(batch, positions, &sender, other)?,
                     Target::Channel(id) => {
-                        let rec = self.channel_of_member(&sender, id)?;
-                        (id.clone(), rec, self.member_ids(id)?)
+                        batch.member_channel(&sender, id)?;
+                        id.clone()
                     }
                 };
-                let event = self.new_event(
+                let stored = batch.new_event(
+                    positions,
                     &channel,
                     &sender,
-                    &mut rec,
                     EventContent::Message {
                         body: body.to_string(),
                     },
-                );
-                let mut deliveries = Vec::with_capacity(members.len());
-                let event = stage_event(&mut writes, &mut deliveries, positions, event, &members);
-                writes.channels.retain(|(id, _)| id != &channel);
-                writes.channels.push((channel.clone(), rec));
+                )?;
                 let ack = AckRecord {
-                    event_id: event.id.clone(),
+                    event_id: stored.id.clone(),
                     channel: channel.clone(),
-                    ts: event.ts,
+                    ts: stored.event.ts,
                 };
-                writes.acks.push((sender.clone(), key.to_string(), ack));
-                Ok(Staged {
-                    writes,
-                    deliveries,
-                    reply: Ack {
-                        event_id: event.id.clone(),
-                        channel,
-                        ts: event.ts,
-                    },
+                batch
+                    .writes
+                    .acks
+                    .push((sender.clone(), key.to_string(), ack));
+                Ok(Ack {
+                    event_id: stored.id,
+                    channel,
+                    ts: stored.event.ts,
                 })
             })
             .await?;
@@ -348,7 +781,7 @@ impl Channels {
 
     /// Finds or creates the direct channel with another user.
     pub async fn open_direct(&self, auth: &DeviceAuth, who: &str) -> ApiResult<ChannelSummary> {
-        let other = self.accounts.resolve_local_user(who)?;
+        let other = self.accounts.resolve_user(who)?;
         if other == auth.user {
             return Err(ApiError::new(
                 ErrorCode::InvalidRecipient,
@@ -356,16 +789,7 @@ impl Channels {
             ));
         }
         let id = self
-            .inboxes
-            .write(|_| {
-                let mut writes = WriteSet::default();
-                let (id, _) = self.direct_channel(&mut writes, &auth.user, &other)?;
-                Ok(Staged {
-                    writes,
-                    deliveries: Vec::new(),
-                    reply: id,
-                })
-            })
+            .write(|batch, positions| self.direct_channel(batch, positions, &auth.user, &other))
             .await?;
         self.summary(&auth.user, &id)
     }
@@ -387,7 +811,7 @@ impl Channels {
         }
         let mut others = BTreeSet::new();
         for who in members {
-            let user = self.accounts.resolve_local_user(who)?;
+            let user = self.accounts.resolve_user(who)?;
             if user != auth.user {
                 others.insert(user);
             }
@@ -397,75 +821,36 @@ impl Channels {
         }
         let creator = auth.user.clone();
         let id = self.new_channel_id()?;
-        self.inboxes
-            .write(|positions| {
-                let now = wall_ms();
-                let mut rec = ChannelRecord {
-                    kind: ChannelKind::Group,
-                    name: name.to_string(),
-                    created_by: creator.clone(),
-                    created_at: now,
+        self.write(|batch, positions| {
+            batch.new_event(
+                positions,
+                &id,
+                &creator,
+                EventContent::Membership {
+                    action: MembershipAction::Create,
+                    user: creator.clone(),
                     version: 1,
-                    member_count: 1 + others.len(),
-                    next_seq: 0,
-                };
-                let mut writes = WriteSet::default();
-                let mut deliveries = Vec::new();
-                let everyone: Vec<String> = std::iter::once(creator.clone())
-                    .chain(others.iter().cloned())
-                    .collect();
-                writes.members.push((
-                    id.clone(),
-                    creator.clone(),
-                    Some(MemberRecord {
-                        role: Role::Admin,
-                        joined_at: now,
-                    }),
-                ));
-                let created = self.new_event(
+                    name: Some(name.to_string()),
+                    direct: false,
+                },
+            )?;
+            for (i, user) in others.iter().enumerate() {
+                batch.new_event(
+                    positions,
                     &id,
                     &creator,
-                    &mut rec,
                     EventContent::Membership {
-                        action: MembershipAction::Create,
-                        user: creator.clone(),
-                        version: 1,
-                        name: Some(name.to_string()),
+                        action: MembershipAction::Add,
+                        user: user.clone(),
+                        version: i as u64 + 2,
+                        name: None,
+                        direct: false,
                     },
-                );
-                stage_event(&mut writes, &mut deliveries, positions, created, &everyone);
-                for user in &others {
-                    rec.version += 1;
-                    writes.members.push((
-                        id.clone(),
-                        user.clone(),
-                        Some(MemberRecord {
-                            role: Role::Member,
-                            joined_at: now,
-                        }),
-                    ));
-                    let version = rec.version;
-                    let added = self.new_event(
-                        &id,
-                        &creator,
-                        &mut rec,
-                        EventContent::Membership {
-                            action: MembershipAction::Add,
-                            user: user.clone(),
-                            version,
-                            name: None,
-                        },
-                    );
-                    stage_event(&mut writes, &mut deliveries, positions, added, &everyone);
-                }
-                writes.channels.push((id.clone(), rec));
-                Ok(Staged {
-                    writes,
-                    deliveries,
-                    reply: (),
-                })
-            })
-            .await?;
+                )?;
+            }
+            Ok(())
+        })
+        .await?;
         self.summary(&auth.user, &id)
     }
 
@@ -477,8 +862,8 @@ impl Channels {
         channel: &str,
         who: &str,
     ) -> ApiResult<MemberList> {
-        let user = self.accounts.resolve_local_user(who)?;
-        self.change_membership(auth, channel, &user, MembershipAction::Add)
+        let user = self.accounts.resolve_user(who)?;
+        self.change(&auth.user, channel, &user, MembershipAction::Add)
             .await?;
         self.members(&auth.user, channel)
     }
@@ -491,116 +876,168 @@ impl Channels {
         channel: &str,
         who: &str,
     ) -> ApiResult<MemberList> {
-        let user = self.accounts.resolve_local_user(who)?;
+        let user = self.accounts.resolve_user(who)?;
         let action = if user == auth.user {
             MembershipAction::Leave
         } else {
             MembershipAction::Remove
         };
-        self.change_membership(auth, channel, &user, action).await?;
-        if action == MembershipAction::Leave {
-            return Ok(MemberList {
-                version: 0,
-                members: Vec::new(),
-            });
-        }
-        self.members(&auth.user, channel)
+        self.change(&auth.user, channel, &user, action).await?;
+        self.member_list(channel)
     }
 
     /// Leaves a group.
     pub async fn leave(&self, auth: &DeviceAuth, channel: &str) -> ApiResult<()> {
-        let me = auth.user.clone();
-        self.change_membership(auth, channel, &me, MembershipAction::Leave)
+        self.change(&auth.user, channel, &auth.user, MembershipAction::Leave)
             .await
     }
 
-    async fn change_membership(
+    /// A membership change by a local user: made here if this is the channel's home
+    /// server, otherwise asked of the home server.
+    async fn change(
         &self,
-        auth: &DeviceAuth,
+        actor: &str,
         channel: &str,
         user: &str,
         action: MembershipAction,
     ) -> ApiResult<()> {
-        self.inboxes
-            .write(|positions| {
-                let mut rec = match action {
-                    MembershipAction::Leave => {
-                        let rec = self.channel_of_member(&auth.user, channel)?;
-                        if rec.kind == ChannelKind::Direct {
-                            return Err(ApiError::new(
-                                ErrorCode::DirectChannel,
-                                "you cannot leave a direct chat",
-                            ));
-                        }
-                        rec
-                    }
-                    _ => self.group_of_admin(&auth.user, channel)?,
-                };
-                let mut members = self.member_ids(channel)?;
-                let is_member = members.iter().any(|m| m == user);
-                let mut writes = WriteSet::default();
-                match action {
-                    MembershipAction::Add => {
-                        if is_member {
-                            return Err(ApiError::new(
-                                ErrorCode::AlreadyMember,
-                                format!("{user} is already a member"),
-                            ));
-                        }
-                        if members.len() >= self.limits.max_group_members {
-                            return Err(group_full(self.limits.max_group_members));
-                        }
-                        members.push(user.to_string());
-                        writes.members.push((
-                            channel.to_string(),
-                            user.to_string(),
-                            Some(MemberRecord {
-                                role: Role::Member,
-                                joined_at: wall_ms(),
-                            }),
+        let home = home_server(channel).unwrap_or_default();
+        if home == self.server_name() {
+            return self.change_as_home(actor, channel, user, action).await;
+        }
+        // Refuse early what the local view already shows to be wrong.
+        self.channel_of_member(actor, channel)?;
+        let Some(remote) = self.remote.get() else {
+            return Err(ApiError::new(
+                ErrorCode::UnknownChannel,
+                "this channel's home server is elsewhere and federation is off",
+            ));
+        };
+        remote
+            .change_membership(
+                home.to_string(),
+                channel.to_string(),
+                actor.to_string(),
+                action,
+                user.to_string(),
+            )
+            .await
+    }
+
+    /// A membership change judged and made by this server as the channel's home.
+    /// `actor` may be a user of another server (asking through federation).
+    pub async fn change_as_home(
+        &self,
+        actor: &str,
+        channel: &str,
+        user: &str,
+        action: MembershipAction,
+    ) -> ApiResult<()> {
+        self.write(|batch, positions| {
+            let max = self.limits.max_group_members;
+            let state = batch.member_channel(actor, channel)?;
+            let Some(rec) = state.rec.clone() else {
+                return Err(ApiError::new(ErrorCode::UnknownChannel, "no such channel"));
+            };
+            if rec.kind == ChannelKind::Direct {
+                return Err(ApiError::new(
+                    ErrorCode::DirectChannel,
+                    "a direct chat always has exactly its two members",
+                ));
+            }
+            let is_member = state.members.contains_key(user);
+            match action {
+                MembershipAction::Leave => {
+                    if actor != user {
+                        return Err(ApiError::new(
+                            ErrorCode::BadRequest,
+                            "only you can leave for yourself",
                         ));
-                        rec.member_count = members.len();
-                    }
-                    MembershipAction::Remove | MembershipAction::Leave => {
-                        if !is_member {
-                            return Err(ApiError::new(
-                                ErrorCode::NotMember,
-                                format!("{user} is not a member of this channel"),
-                            ));
-                        }
-                        writes
-                            .members
-                            .push((channel.to_string(), user.to_string(), None));
-                        // The one who leaves or is removed still gets the event that says so.
-                        rec.member_count = members.len() - 1;
-                    }
-                    MembershipAction::Create => {
-                        return Err(ApiError::new(ErrorCode::BadRequest, "not a change"));
                     }
                 }
-                rec.version += 1;
-                let version = rec.version;
-                let event = self.new_event(
-                    channel,
-                    &auth.user,
-                    &mut rec,
-                    EventContent::Membership {
-                        action,
-                        user: user.to_string(),
-                        version,
-                        name: None,
-                    },
-                );
-                let mut deliveries = Vec::new();
-                stage_event(&mut writes, &mut deliveries, positions, event, &members);
-                writes.channels.push((channel.to_string(), rec));
-                Ok(Staged {
-                    writes,
-                    deliveries,
-                    reply: (),
-                })
+                _ => {
+                    if !matches!(state.members.get(actor), Some(m) if m.role == Role::Admin) {
+                        return Err(ApiError::new(
+                            ErrorCode::NotChannelAdmin,
+                            "only an admin of this group can do that",
+                        ));
+                    }
+                }
+            }
+            match action {
+                MembershipAction::Add if is_member => {
+                    return Err(ApiError::new(
+                        ErrorCode::AlreadyMember,
+                        format!("{user} is already a member"),
+                    ));
+                }
+                MembershipAction::Add if state.members.len() >= max => return Err(group_full(max)),
+                MembershipAction::Remove | MembershipAction::Leave if !is_member => {
+                    return Err(ApiError::new(
+                        ErrorCode::NotMember,
+                        format!("{user} is not a member of this channel"),
+                    ));
+                }
+                MembershipAction::Create => {
+                    return Err(ApiError::new(ErrorCode::BadRequest, "not a change"));
+                }
+                _ => {}
+            }
+            batch.new_event(
+                positions,
+                channel,
+                actor,
+                EventContent::Membership {
+                    action,
+                    user: user.to_string(),
+                    version: rec.version + 1,
+                    name: None,
+                    direct: false,
+                },
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Takes in events from another server, in order, each judged on its own: the
+    /// result says for each whether it was taken in (or already held) or why not.
+    /// Signatures are checked by the caller before this.
+    pub async fn take_in(&self, events: Vec<StoredEvent>) -> ApiResult<Vec<Result<(), Refusal>>> {
+        let results = self
+            .write(|batch, positions| {
+                let mut results = Vec::with_capacity(events.len());
+                let mut seen = BTreeSet::new();
+                for stored in &events {
+                    if seen.contains(&stored.id) || self.store.has_event(&stored.id)? {
+                        results.push(Ok(()));
+                        continue;
+                    }
+                    let result = batch.take_in(positions, stored, false);
+                    if result.is_ok() {
+                        seen.insert(stored.id.clone());
+                        self.clock.observe(stored.event.ts);
+                    }
+                    results.push(result);
+                }
+                Ok(results)
             })
-            .await
+            .await?;
+        Ok(results)
+    }
+
+    /// A channel the user belongs to.
+    fn channel_of_member(&self, user: &str, channel: &str) -> ApiResult<ChannelRecord> {
+        let Some(rec) = self.store.channel(channel)? else {
+            return Err(ApiError::new(
+                ErrorCode::UnknownChannel,
+                format!("there is no channel {channel}"),
+            ));
+        };
+        if self.store.member(channel, user)?.is_none() {
+            return Err(not_member());
+        }
+        Ok(rec)
     }
 
     /// A channel as its member `user` sees it.
@@ -615,21 +1052,27 @@ impl Channels {
         channel: &str,
         rec: ChannelRecord,
     ) -> ApiResult<ChannelSummary> {
+        let direct = rec.kind == ChannelKind::Direct;
         let name = match rec.kind {
             ChannelKind::Group => rec.name,
             ChannelKind::Direct => self
-                .member_ids(channel)?
+                .store
+                .members(channel)?
                 .into_iter()
+                .map(|(u, _)| u)
                 .find(|m| m != user)
                 .unwrap_or_default(),
         };
+        let last = self
+            .store
+            .last_event(channel, 8, |e| !(direct && is_membership(e)))?;
         Ok(ChannelSummary {
             id: channel.to_string(),
             kind: rec.kind,
             name,
             member_count: rec.member_count,
             version: rec.version,
-            last_event: self.store.last_event(channel)?,
+            last_event: last.map(|e| client_event(&e, None)),
         })
     }
 
@@ -650,7 +1093,17 @@ impl Channels {
 
     /// The members of a channel the caller belongs to.
     pub fn members(&self, user: &str, channel: &str) -> ApiResult<MemberList> {
-        let rec = self.channel_of_member(user, channel)?;
+        self.channel_of_member(user, channel)?;
+        self.member_list(channel)
+    }
+
+    fn member_list(&self, channel: &str) -> ApiResult<MemberList> {
+        let Some(rec) = self.store.channel(channel)? else {
+            return Err(ApiError::new(
+                ErrorCode::UnknownChannel,
+                format!("there is no channel {channel}"),
+            ));
+        };
         Ok(MemberList {
             version: rec.version,
             members: self
@@ -666,11 +1119,6 @@ impl Channels {
         })
     }
 
-    /// A channel's record, if it exists.
-    pub fn channel_record(&self, channel: &str) -> ApiResult<Option<ChannelRecord>> {
-        Ok(self.store.channel(channel)?)
-    }
-
     /// One page of history, newest first.
     pub fn history(
         &self,
@@ -679,7 +1127,8 @@ impl Channels {
         before: Option<&str>,
         limit: Option<usize>,
     ) -> ApiResult<HistoryPage> {
-        self.channel_of_member(user, channel)?;
+        let rec = self.channel_of_member(user, channel)?;
+        let direct = rec.kind == ChannelKind::Direct;
         let before = match before {
             Some(c) => Some(ChannelPos::from_cursor(c).ok_or_else(|| {
                 ApiError::new(
@@ -696,20 +1145,25 @@ impl Channels {
                 format!("limit must be 1 to {MAX_HISTORY_PAGE}"),
             ));
         }
-        let page = self.store.history(channel, before.as_ref(), limit)?;
-        let next = (page.len() == limit)
+        // One more than asked tells whether an older page exists.
+        let mut page = self.store.history(channel, before.as_ref(), limit + 1)?;
+        let more = page.len() > limit;
+        page.truncate(limit);
+        let next = more
             .then(|| page.last().map(|(pos, _)| pos.to_cursor()))
             .flatten();
         Ok(HistoryPage {
-            events: page.into_iter().map(|(_, e)| e).collect(),
+            events: page
+                .iter()
+                .filter(|(_, e)| !(direct && is_membership(e)))
+                .map(|(_, e)| client_event(e, None))
+                .collect(),
             next,
         })
     }
 }
 
-fn group_full(max: usize) -> ApiError {
-    ApiError::new(
-        ErrorCode::GroupFull,
-        format!("a group can have at most {max} members"),
-    )
+/// Maps a refusal of a structurally bad event.
+pub fn refusal_of(e: &EventError) -> Refusal {
+    Refusal::Invalid(e.to_string())
 }

@@ -27,7 +27,30 @@ pub const SETTINGS: &[&str] = &[
     "sync_batch",
     "log_format",
     "log",
+    "federation_listen",
+    "bootstrap",
+    "peers",
+    "strict_keys",
+    "allow_servers",
+    "deny_servers",
+    "mdns",
+    "catchup_interval_secs",
+    "presence_refresh_secs",
 ];
+
+/// A server this node knows of by configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its server name.
+    pub name: String,
+    /// Where to dial it (a multiaddress such as `/ip4/10.0.0.2/tcp/7070`).
+    #[serde(default)]
+    pub addr: Option<String>,
+    /// Its ed25519 public key (unpadded base64): pinned, and any other key is refused.
+    #[serde(default)]
+    pub key: Option<String>,
+}
 
 /// Who may create accounts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +113,24 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter, as in `RUST_LOG` (e.g. `info`, `hearth_node=debug`).
     pub log: String,
+    /// libp2p addresses to listen on for other servers; empty means federation is off.
+    pub federation_listen: Vec<String>,
+    /// Servers to dial at start (multiaddresses, with `/p2p/<peer id>` where known).
+    pub bootstrap: Vec<String>,
+    /// Servers known by name, with an address and optionally a pinned key.
+    pub peers: Vec<PeerConfig>,
+    /// Refuse servers whose key is not pinned in `peers` (no trust on first use).
+    pub strict_keys: bool,
+    /// If not empty, federate only with these servers.
+    pub allow_servers: Vec<String>,
+    /// Never federate with these servers.
+    pub deny_servers: Vec<String>,
+    /// Discover servers on the local network with mDNS.
+    pub mdns: bool,
+    /// Seconds between catch-up rounds with connected servers.
+    pub catchup_interval_secs: u64,
+    /// Seconds between re-announcements of who is online here.
+    pub presence_refresh_secs: u64,
 }
 
 impl Default for Config {
@@ -111,6 +152,15 @@ impl Default for Config {
             sync_batch: 500,
             log_format: LogFormat::Text,
             log: "info".into(),
+            federation_listen: Vec::new(),
+            bootstrap: Vec::new(),
+            peers: Vec::new(),
+            strict_keys: false,
+            allow_servers: Vec::new(),
+            deny_servers: Vec::new(),
+            mdns: false,
+            catchup_interval_secs: 30,
+            presence_refresh_secs: 20,
         }
     }
 }
@@ -162,7 +212,56 @@ impl Config {
         if self.session_queue == 0 || self.sync_batch == 0 {
             return bad("session_queue and sync_batch must be positive");
         }
+        if self.catchup_interval_secs == 0 || self.presence_refresh_secs == 0 {
+            return bad("catchup_interval_secs and presence_refresh_secs must be positive");
+        }
+        for peer in &self.peers {
+            if !crate::accounts::valid_server_name(&peer.name) {
+                return Err(NodeError::Config(format!(
+                    "peer name {:?} is not a server name",
+                    peer.name
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// Whether federation is on.
+    pub fn federation_enabled(&self) -> bool {
+        !self.federation_listen.is_empty()
+    }
+
+    /// The federation policy these settings describe.
+    pub fn policy(&self) -> FederationPolicy {
+        FederationPolicy {
+            own: self.server_name.clone(),
+            enabled: self.federation_enabled(),
+            allow: self.allow_servers.clone(),
+            deny: self.deny_servers.clone(),
+        }
+    }
+}
+
+/// Which servers this node federates with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationPolicy {
+    /// This server's name.
+    pub own: String,
+    /// Federation is on.
+    pub enabled: bool,
+    /// If not empty, only these.
+    pub allow: Vec<String>,
+    /// Never these.
+    pub deny: Vec<String>,
+}
+
+impl FederationPolicy {
+    /// Whether this node exchanges events with `server`.
+    pub fn federates_with(&self, server: &str) -> bool {
+        self.enabled
+            && server != self.own
+            && !self.deny.iter().any(|d| d == server)
+            && (self.allow.is_empty() || self.allow.iter().any(|a| a == server))
     }
 }
 

@@ -104,9 +104,11 @@ impl Node {
         let accounts = Accounts::new(
             store.clone(),
             hub.clone(),
-            config.server_name.clone(),
             config.registration,
+            config.policy(),
         );
+        let identity = hearth_federation::NodeIdentity::load_or_create(&config.data_dir)
+            .map_err(|e| NodeError::Config(e.to_string()))?;
         let channels = Channels::new(
             store.clone(),
             inboxes.clone(),
@@ -117,6 +119,7 @@ impl Node {
                 max_body_bytes: config.max_body_bytes,
             },
             metrics.clone(),
+            identity.key.clone(),
         );
         let presence = Presence::new(store.clone(), hub.clone(), config.presence_push_max_members);
         let (stop, shutdown) = watch::channel(false);

@@ -32,7 +32,9 @@ pub enum WireIn {
     Binary,
     /// A frame beyond the transport's hard size cap; the connection cannot go on.
     TooBig,
-    /// The client closed, or the connection broke.
+    /// The client sent a close frame; it gets one back.
+    CloseRequested,
+    /// The connection broke or ended without a close frame.
     Closed,
 }
 
@@ -148,6 +150,7 @@ where
         let text = match frame {
             WireIn::Text(text) => text,
             WireIn::Closed => break End::Gone,
+            WireIn::CloseRequested => break End::Close(close::NORMAL, "bye"),
             WireIn::TooBig => break End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
             WireIn::Binary => {
                 let e = error_frame(
@@ -212,13 +215,13 @@ where
 {
     let cursor = match svc.accounts.cursor(auth) {
         Ok(c) => c,
-        Err(_) => return End::Close(close::UNAUTHORIZED, "device logged out"),
+        Err(_) => return End::Close(close::LOGGED_OUT, "logged out"),
     };
     let mut attachment = svc.hub.attach(&auth.user, &auth.device);
+    svc.presence.touch(&auth.user);
     if attachment.first {
         svc.presence.announce(&auth.user);
     }
-    svc.presence.touch(&auth.user);
     info!(cursor, "session started");
     let end = session_loop(t, svc, auth, cursor, &attachment.kick, &mut attachment.rx).await;
     svc.presence.touch(&auth.user);
@@ -290,6 +293,7 @@ where
                 let text = match frame.unwrap_or(WireIn::Closed) {
                     WireIn::Text(text) => text,
                     WireIn::Closed => return End::Gone,
+                    WireIn::CloseRequested => return End::Close(close::NORMAL, "bye"),
                     WireIn::TooBig => return End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
                     WireIn::Binary => {
                         let e = error_frame(ErrorCode::BadRequest, "binary frames are not part of the protocol", None);
@@ -369,8 +373,22 @@ where
             }
             _ = std::future::ready(()), if !backlog_done => {
                 match svc.inboxes.backlog(&auth.user, sent_upto, cfg.sync_batch) {
-                    Ok(events) => {
-                        let more = events.len() == cfg.sync_batch;
+                    Ok(mut events) => {
+                        let mut more = events.len() == cfg.sync_batch;
+                        // Keep each frame within the frame limit: large messages make
+                        // smaller batches, never a frame the transport cannot carry.
+                        let mut size = 0;
+                        let fit = events
+                            .iter()
+                            .position(|e| {
+                                size += serde_json::to_string(e).map_or(0, |s| s.len() + 1);
+                                size > cfg.max_frame_bytes
+                            })
+                            .map_or(events.len(), |i| i.max(1));
+                        if fit < events.len() {
+                            events.truncate(fit);
+                            more = true;
+                        }
                         if let Some(pos) = events.last().and_then(|e| e.pos) {
                             sent_upto = pos;
                         }
@@ -380,7 +398,7 @@ where
                             return e;
                         }
                     }
-                    Err(_) => return End::Close(1011, "server error"),
+                    Err(_) => return End::Close(close::SERVER_ERROR, "server error"),
                 }
             }
         }

@@ -8,7 +8,10 @@
 
 use std::path::Path;
 
-use hearth_client_api::model::{ChannelKind, Event, Role};
+use std::collections::BTreeMap;
+
+use hearth_client_api::model::{ChannelKind, Role};
+use hearth_federation::SignedEvent;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
@@ -158,6 +161,37 @@ impl ChannelPos {
     }
 }
 
+/// An event as stored: the signed event exactly as its origin made it, and its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    /// Event id (hash of the signed canonical bytes).
+    pub id: String,
+    /// The signed event.
+    pub event: SignedEvent,
+}
+
+impl StoredEvent {
+    /// The event's place in its channel's order.
+    pub fn channel_pos(&self) -> ChannelPos {
+        ChannelPos {
+            ts: self.event.ts,
+            origin: self.event.origin.clone(),
+            seq: self.event.seq,
+        }
+    }
+}
+
+/// What this node knows of another server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRecord {
+    /// libp2p peer id.
+    pub peer_id: String,
+    /// Pinned ed25519 key, unpadded base64.
+    pub key: String,
+    /// Last known addresses.
+    pub addrs: Vec<String>,
+}
+
 /// Changes that must land together: one multi-tree transaction.
 #[derive(Debug, Default)]
 pub struct WriteSet {
@@ -167,8 +201,11 @@ pub struct WriteSet {
     pub members: Vec<(String, String, Option<MemberRecord>)>,
     /// A new direct channel for a pair of users: `(user_a, user_b, channel)`.
     pub direct_pairs: Vec<(String, String, String)>,
-    /// Events to store in their channels.
-    pub events: Vec<(ChannelPos, Event)>,
+    /// Events to store in their channels; the store also indexes them by origin
+    /// sequence (advancing the contiguous head) and, for membership events, by version.
+    pub events: Vec<StoredEvent>,
+    /// Events to send to other servers: `(server, event id)`.
+    pub outbox: Vec<(String, String)>,
     /// Inbox entries: `(user, stream position, channel, channel position)`.
     pub inbox: Vec<(String, u64, String, ChannelPos)>,
     /// Idempotency records: `(user, key, ack)`.
@@ -178,6 +215,7 @@ pub struct WriteSet {
 }
 
 const META_STREAM_POS: &[u8] = b"stream_pos";
+const META_OUTBOX_SEQ: &[u8] = b"outbox_seq";
 const META_SCHEMA: &[u8] = b"schema_version";
 const SCHEMA_VERSION: u64 = 1;
 
@@ -197,6 +235,11 @@ pub struct Store {
     eventid_location: sled::Tree,
     userpos_inbox: sled::Tree,
     userkey_ack: sled::Tree,
+    channelver_membership: sled::Tree,
+    channeloriginseq_event: sled::Tree,
+    channelorigin_head: sled::Tree,
+    destseq_outbox: sled::Tree,
+    servername_peer: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -273,6 +316,11 @@ impl Store {
             eventid_location: t("eventid_location")?,
             userpos_inbox: t("userpos_inbox")?,
             userkey_ack: t("userkey_ack")?,
+            channelver_membership: t("channelver_membership")?,
+            channeloriginseq_event: t("channeloriginseq_event")?,
+            channelorigin_head: t("channelorigin_head")?,
+            destseq_outbox: t("destseq_outbox")?,
+            servername_peer: t("servername_peer")?,
             meta: t("meta")?,
             db,
         };
@@ -484,13 +532,22 @@ impl Store {
             .transpose()
     }
 
-    /// The newest event of a channel.
-    pub fn last_event(&self, channel: &str) -> StoreResult<Option<Event>> {
+    /// The newest events of a channel, newest first, that `keep` accepts (at most
+    /// `scan` are looked at).
+    pub fn last_event(
+        &self,
+        channel: &str,
+        scan: usize,
+        keep: impl Fn(&StoredEvent) -> bool,
+    ) -> StoreResult<Option<StoredEvent>> {
         let p = prefix(channel);
-        match self.channelpos_event.scan_prefix(&p).next_back() {
-            Some(r) => Ok(Some(decode("channelpos_event", &r?.1)?)),
-            None => Ok(None),
+        for r in self.channelpos_event.scan_prefix(&p).rev().take(scan) {
+            let e: StoredEvent = decode("channelpos_event", &r?.1)?;
+            if keep(&e) {
+                return Ok(Some(e));
+            }
         }
+        Ok(None)
     }
 
     /// Up to `limit` events of a channel older than `before` (or the newest), newest first.
@@ -499,7 +556,7 @@ impl Store {
         channel: &str,
         before: Option<&ChannelPos>,
         limit: usize,
-    ) -> StoreResult<Vec<(ChannelPos, Event)>> {
+    ) -> StoreResult<Vec<(ChannelPos, StoredEvent)>> {
         let start = prefix(channel);
         let end = match before {
             Some(pos) => key2(channel, &pos.to_bytes()),
@@ -529,14 +586,14 @@ impl Store {
     }
 
     /// A user's inbox entries with positions in `(after, upto]`, oldest first, at most
-    /// `limit`, each resolved to its event with `pos` set.
+    /// `limit`, each resolved to its event.
     pub fn inbox(
         &self,
         user: &str,
         after: u64,
         upto: u64,
         limit: usize,
-    ) -> StoreResult<Vec<Event>> {
+    ) -> StoreResult<Vec<(u64, StoredEvent)>> {
         if after >= upto {
             return Ok(Vec::new());
         }
@@ -556,9 +613,7 @@ impl Store {
                     detail: format!("entry {pos} points to a missing event"),
                 });
             };
-            let mut event: Event = decode("channelpos_event", &bytes)?;
-            event.pos = Some(pos);
-            out.push(event);
+            out.push((pos, decode("channelpos_event", &bytes)?));
         }
         Ok(out)
     }
@@ -569,6 +624,151 @@ impl Store {
             .get(key2(user, key.as_bytes()))?
             .map(|v| decode("userkey_ack", &v))
             .transpose()
+    }
+
+    /// An event by id.
+    pub fn event(&self, id: &str) -> StoreResult<Option<StoredEvent>> {
+        let Some(location) = self.eventid_location.get(id)? else {
+            return Ok(None);
+        };
+        self.channelpos_event
+            .get(location)?
+            .map(|v| decode("channelpos_event", &v))
+            .transpose()
+    }
+
+    /// Events of `origin` in `channel` with sequence numbers from `from`, in order.
+    pub fn events_from(
+        &self,
+        channel: &str,
+        origin: &str,
+        from: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let co = co_str(channel, origin);
+        let start = key2(&co, &from.to_be_bytes());
+        let end = prefix(&co);
+        let mut out = Vec::new();
+        for r in self.channeloriginseq_event.range(start..).take(limit) {
+            let (k, location) = r?;
+            if !k.starts_with(&end) {
+                break;
+            }
+            if let Some(v) = self.channelpos_event.get(location)? {
+                out.push(decode("channelpos_event", &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// For each origin seen in `channel`, the next sequence number expected from it.
+    pub fn heads(&self, channel: &str) -> StoreResult<BTreeMap<String, u64>> {
+        let p = prefix(channel);
+        self.channelorigin_head
+            .scan_prefix(&p)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((
+                    suffix_str("channelorigin_head", &k, p.len())?,
+                    u64_of("channelorigin_head", &v)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Membership events of `channel` with versions above `after`, in version order.
+    pub fn membership_log(
+        &self,
+        channel: &str,
+        after: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredEvent>> {
+        let start = key2(channel, &(after.saturating_add(1)).to_be_bytes());
+        let p = prefix(channel);
+        let mut out = Vec::new();
+        for r in self.channelver_membership.range(start..).take(limit) {
+            let (k, location) = r?;
+            if !k.starts_with(&p) {
+                break;
+            }
+            if let Some(v) = self.channelpos_event.get(location)? {
+                out.push(decode("channelpos_event", &v)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every channel this node holds.
+    pub fn channel_ids(&self) -> StoreResult<Vec<String>> {
+        self.channelid_channel
+            .iter()
+            .keys()
+            .map(|k| suffix_str("channelid_channel", &k?, 0))
+            .collect()
+    }
+
+    /// Servers with events waiting in their outbox.
+    pub fn outbox_destinations(&self) -> StoreResult<Vec<String>> {
+        let mut out: Vec<String> = Vec::new();
+        for k in self.destseq_outbox.iter().keys() {
+            let k = k?;
+            let end = k.iter().position(|&b| b == 0).unwrap_or(k.len());
+            let dest = suffix_str("destseq_outbox", k.get(..end).unwrap_or(&[]), 0)?;
+            if out.last() != Some(&dest) {
+                out.push(dest);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The oldest `limit` outbox entries for `dest`: `(entry key, event id)`.
+    pub fn outbox(&self, dest: &str, limit: usize) -> StoreResult<Vec<(Vec<u8>, String)>> {
+        self.destseq_outbox
+            .scan_prefix(prefix(dest))
+            .take(limit)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((k.to_vec(), suffix_str("destseq_outbox", &v, 0)?))
+            })
+            .collect()
+    }
+
+    /// Removes delivered outbox entries.
+    pub fn outbox_done(&self, keys: &[Vec<u8>]) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        for k in keys {
+            batch.remove(k.as_slice());
+        }
+        self.destseq_outbox.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// What this node pinned for a server name.
+    pub fn peer(&self, name: &str) -> StoreResult<Option<PeerRecord>> {
+        self.servername_peer
+            .get(name)?
+            .map(|v| decode("servername_peer", &v))
+            .transpose()
+    }
+
+    /// Pins or updates what this node knows of a server.
+    pub fn put_peer(&self, name: &str, rec: &PeerRecord) -> StoreResult<()> {
+        self.servername_peer.insert(name, encode(rec))?;
+        Ok(())
+    }
+
+    /// Every server this node has pinned.
+    pub fn peers(&self) -> StoreResult<Vec<(String, PeerRecord)>> {
+        self.servername_peer
+            .iter()
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((
+                    suffix_str("servername_peer", &k, 0)?,
+                    decode("servername_peer", &v)?,
+                ))
+            })
+            .collect()
     }
 
     /// The node's highest assigned stream position.
@@ -582,15 +782,27 @@ impl Store {
 
     /// Applies a write set atomically: after a crash either all of it is there or none.
     pub fn apply(&self, w: &WriteSet) -> StoreResult<()> {
-        let events: Vec<(Vec<u8>, Vec<u8>, &str)> = w
+        let events: Vec<(Vec<u8>, Vec<u8>, &StoredEvent)> = w
             .events
             .iter()
-            .map(|(pos, ev)| {
+            .map(|ev| {
                 (
-                    key2(&ev.channel, &pos.to_bytes()),
+                    key2(&ev.event.channel, &ev.channel_pos().to_bytes()),
                     encode(ev),
-                    ev.id.as_str(),
+                    ev,
                 )
+            })
+            .collect();
+        let mut outbox_seq = match self.meta.get(META_OUTBOX_SEQ)? {
+            Some(v) => u64_of("meta", &v)?,
+            None => 0,
+        };
+        let outbox: Vec<(Vec<u8>, &str)> = w
+            .outbox
+            .iter()
+            .map(|(dest, id)| {
+                outbox_seq += 1;
+                (key2(dest, &outbox_seq.to_be_bytes()), id.as_str())
             })
             .collect();
         let inbox: Vec<(Vec<u8>, Vec<u8>)> = w
@@ -613,9 +825,27 @@ impl Store {
             &self.userpos_inbox,
             &self.userkey_ack,
             &self.meta,
+            &self.channelver_membership,
+            &self.channeloriginseq_event,
+            &self.channelorigin_head,
+            &self.destseq_outbox,
         )
             .transaction(
-                |(channels, members, index, pairs, evs, locations, inboxes, acks, meta)| {
+                |(
+                    channels,
+                    members,
+                    index,
+                    pairs,
+                    evs,
+                    locations,
+                    inboxes,
+                    acks,
+                    meta,
+                    membership_log,
+                    origin_seq,
+                    heads,
+                    outboxes,
+                )| {
                     for (id, rec) in &w.channels {
                         channels.insert(id.as_bytes(), encode(rec))?;
                     }
@@ -636,9 +866,43 @@ impl Store {
                     for (a, b, channel) in &w.direct_pairs {
                         pairs.insert(pair_key(a, b), channel.as_bytes())?;
                     }
-                    for (key, value, id) in &events {
+                    for (key, value, stored) in &events {
+                        let ev = &stored.event;
                         evs.insert(key.as_slice(), value.as_slice())?;
-                        locations.insert(id.as_bytes(), key.as_slice())?;
+                        locations.insert(stored.id.as_bytes(), key.as_slice())?;
+                        if let hearth_federation::event::EventContent::Membership {
+                            version, ..
+                        } = &ev.content
+                        {
+                            membership_log.insert(
+                                key2(&ev.channel, &version.to_be_bytes()),
+                                key.as_slice(),
+                            )?;
+                        }
+                        let co = key2(&ev.channel, ev.origin.as_bytes());
+                        origin_seq.insert(
+                            key2(&co_str(&ev.channel, &ev.origin), &ev.seq.to_be_bytes()),
+                            key.as_slice(),
+                        )?;
+                        // The head is the next sequence this server expects from the origin
+                        // in the channel: it moves over every event held without a gap.
+                        let mut head = match heads.get(co.as_slice())? {
+                            Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
+                            None => 0,
+                        };
+                        while origin_seq
+                            .get(key2(&co_str(&ev.channel, &ev.origin), &head.to_be_bytes()))?
+                            .is_some()
+                        {
+                            head += 1;
+                        }
+                        heads.insert(co.as_slice(), &head.to_be_bytes())?;
+                    }
+                    for (key, id) in &outbox {
+                        outboxes.insert(key.as_slice(), id.as_bytes())?;
+                    }
+                    if !outbox.is_empty() {
+                        meta.insert(META_OUTBOX_SEQ, &outbox_seq.to_be_bytes())?;
                     }
                     for (key, location) in &inbox {
                         inboxes.insert(key.as_slice(), location.as_slice())?;
@@ -654,6 +918,11 @@ impl Store {
             );
         tx_result(res)
     }
+}
+
+/// `channel\0origin` as one string key part, for the per-origin sequence index.
+fn co_str(channel: &str, origin: &str) -> String {
+    format!("{channel}\0{origin}")
 }
 
 fn pair_key(a: &str, b: &str) -> Vec<u8> {

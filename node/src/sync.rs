@@ -191,7 +191,10 @@ impl Inboxes {
         Ok(self
             .shared
             .store
-            .inbox(user, after, self.committed_pos(), limit)?)
+            .inbox(user, after, self.committed_pos(), limit)?
+            .into_iter()
+            .map(|(pos, stored)| crate::channels::client_event(&stored, Some(pos)))
+            .collect())
     }
 
     /// Asks the flusher to make the last writes durable and stop; new writes are refused.

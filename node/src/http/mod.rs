@@ -36,11 +36,11 @@ async fn not_found() -> ApiError {
     ApiError::new(ErrorCode::NotFound, "no such route; see docs/protocol.md")
 }
 
-async fn method_not_allowed() -> Response {
-    let mut res =
-        ApiError::new(ErrorCode::NotFound, "this route does not take that method").into_response();
-    *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    res
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this route does not take that method",
+    )
 }
 
 fn title(code: ErrorCode) -> &'static str {
@@ -49,6 +49,7 @@ fn title(code: ErrorCode) -> &'static str {
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not found",
+        405 => "Method not allowed",
         409 => "Conflict",
         413 => "Too large",
         429 => "Too many requests",

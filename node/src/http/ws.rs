@@ -20,7 +20,9 @@ pub(super) async fn upgrade(State(svc): State<Arc<Services>>, ws: WebSocketUpgra
     let cap = svc.config.max_frame_bytes.saturating_mul(2);
     ws.read_buffer_size(BUFFER_BYTES)
         .write_buffer_size(BUFFER_BYTES)
-        .max_write_buffer_size(cap.max(BUFFER_BYTES * 2))
+        // Room for one whole frame beyond the write buffer; frames are at most about
+        // max_frame_bytes (sync batches are cut to fit).
+        .max_write_buffer_size(cap.saturating_mul(2).max(BUFFER_BYTES * 2))
         .max_message_size(cap)
         .max_frame_size(cap)
         .on_upgrade(move |socket| session::run(transport(socket), svc))
@@ -35,7 +37,7 @@ fn transport(
             future::ready(match msg {
                 Ok(Message::Text(t)) => Some(WireIn::Text(t.as_str().to_owned())),
                 Ok(Message::Binary(_)) => Some(WireIn::Binary),
-                Ok(Message::Close(_)) => Some(WireIn::Closed),
+                Ok(Message::Close(_)) => Some(WireIn::CloseRequested),
                 Ok(Message::Ping(_) | Message::Pong(_)) => None,
                 Err(e) => {
                     let text = e.to_string();
