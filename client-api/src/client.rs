@@ -40,15 +40,22 @@ pub const ABNORMAL_CLOSE: u16 = 1006;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`Connection::close`] waits for the server's close reply.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the reading half waits for the server to end the connection after a
+/// close frame (the server closes TCP right after the close handshake).
+const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Per-request timeout of the HTTP API; history and lists are small, so a slow
 /// answer means a stuck server rather than a big body.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket buffers: chat frames are small, and tungstenite's 128 KiB defaults cost
-/// memory per connection (see `docs/design/dependencies.md`, "WebSocket memory").
+/// memory per connection (tungstenite allocates its read buffer eagerly).
 const WS_BUFFER_BYTES: usize = 4 * 1024;
-/// Largest incoming message or frame: a `sync` batch is the largest thing a server sends.
-const WS_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+/// Largest incoming message or frame. A `sync` frame holds up to 500 events of up to
+/// 16 KiB of text each, so 1 MiB would be too small (protocol.md 5.1 asks for at
+/// least 16 MiB). This is only a cap: buffers grow to it only for such a frame.
+const WS_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Close code of a server that failed (for example reading the backlog).
+const SERVER_ERROR_CLOSE: u16 = 1011;
 /// Longest response body quoted in [`ClientError::UnexpectedStatus`].
 const QUOTED_BODY_CHARS: usize = 512;
 
@@ -56,7 +63,7 @@ const QUOTED_BODY_CHARS: usize = 512;
 pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Result alias of this module.
-pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Everything that can go wrong talking to a Hearth node.
 #[derive(Debug, thiserror::Error)]
@@ -172,12 +179,17 @@ impl ClientError {
                 matches!(code, ErrorCode::RateLimited | ErrorCode::Internal)
             }
             ClientError::UnexpectedStatus { status, .. } => *status >= 500 || *status == 429,
-            ClientError::Closed { code, .. } => {
-                matches!(
-                    *code,
-                    close::NORMAL | close::GOING_AWAY | close::TOO_SLOW | close::HEARTBEAT_TIMEOUT
-                ) || *code == ABNORMAL_CLOSE
-            }
+            // protocol.md section 9: stop on 4001/4002/4006 and 1009, reconnect otherwise.
+            ClientError::Closed { code, .. } => matches!(
+                *code,
+                close::NORMAL
+                    | close::GOING_AWAY
+                    | ABNORMAL_CLOSE
+                    | SERVER_ERROR_CLOSE
+                    | close::AUTH_TIMEOUT
+                    | close::HEARTBEAT_TIMEOUT
+                    | close::TOO_SLOW
+            ),
             _ => false,
         }
     }
@@ -804,10 +816,7 @@ where
             // Unknown until `ready`; the auth frame is tiny.
             max_frame_bytes: usize::MAX,
         };
-        let mut receiver = SessionReceiver {
-            stream,
-            ended: false,
-        };
+        let mut receiver = SessionReceiver::new(stream);
         sender
             .send(&ClientFrame::Auth {
                 v: PROTOCOL_VERSION,
@@ -900,11 +909,8 @@ where
     pub async fn close(mut self) -> Result<()> {
         self.sender.close().await?;
         let drain = async {
-            loop {
-                match self.receiver.next_frame().await {
-                    Ok(Some(_)) | Err(ClientError::BadFrame(_)) => continue,
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(_)) | Err(ClientError::BadFrame(_)) = self.receiver.next_frame().await
+            {
             }
         };
         // A server that never answers the close is its problem, not the caller's.
@@ -983,14 +989,23 @@ where
 /// The reading half of a session.
 pub struct SessionReceiver<S = WsStream> {
     stream: SplitStream<S>,
-    /// A close frame was seen or the stream ended: nothing more will come.
-    ended: bool,
+    state: ReceiveState,
+}
+
+/// Where the reading half is in the session's life.
+#[derive(Debug)]
+enum ReceiveState {
+    Open,
+    /// A close frame arrived; what to report once the close reply has gone out.
+    Closing(Option<ClientError>),
+    /// Nothing more will come.
+    Ended,
 }
 
 impl<S> fmt::Debug for SessionReceiver<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionReceiver")
-            .field("ended", &self.ended)
+            .field("state", &self.state)
             .finish_non_exhaustive()
     }
 }
@@ -999,6 +1014,13 @@ impl<S> SessionReceiver<S>
 where
     S: Stream<Item = Result<Message, WsError>>,
 {
+    fn new(stream: SplitStream<S>) -> Self {
+        SessionReceiver {
+            stream,
+            state: ReceiveState::Open,
+        }
+    }
+
     /// The next frame from the server.
     ///
     /// Returns `Ok(None)` once the session has closed cleanly (normal closure, or
@@ -1009,27 +1031,31 @@ where
     /// Cancel safe: a frame is never lost if the future is dropped, so it can be
     /// used in `tokio::select!` alongside a heartbeat timer.
     pub async fn next_frame(&mut self) -> Result<Option<ServerFrame>> {
-        if self.ended {
-            return Ok(None);
-        }
         loop {
+            match &mut self.state {
+                ReceiveState::Open => {}
+                ReceiveState::Closing(outcome) => {
+                    let outcome = outcome.take();
+                    self.finish_close().await;
+                    self.state = ReceiveState::Ended;
+                    return outcome.map_or(Ok(None), Err);
+                }
+                ReceiveState::Ended => return Ok(None),
+            }
             let message = match self.stream.next().await {
                 Some(Ok(message)) => message,
                 Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
-                    self.ended = true;
+                    self.state = ReceiveState::Ended;
                     return Ok(None);
                 }
-                Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
-                    self.ended = true;
+                Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)))
+                | None => {
+                    self.state = ReceiveState::Ended;
                     return Err(dropped());
                 }
                 Some(Err(e)) => {
-                    self.ended = true;
+                    self.state = ReceiveState::Ended;
                     return Err(e.into());
-                }
-                None => {
-                    self.ended = true;
-                    return Err(dropped());
                 }
             };
             match message {
@@ -1037,20 +1063,28 @@ where
                 // The protocol is text, but JSON in a binary message is unambiguous.
                 Message::Binary(bytes) => return decode_frame(&bytes).map(Some),
                 Message::Close(frame) => {
-                    self.ended = true;
-                    return match frame {
-                        None => Ok(None),
-                        Some(frame) if u16::from(frame.code) == close::NORMAL => Ok(None),
-                        Some(frame) => Err(ClientError::Closed {
-                            code: frame.code.into(),
-                            reason: frame.reason.to_string(),
-                        }),
-                    };
+                    // Recorded before any further await, so a cancelled call loses nothing.
+                    self.state = ReceiveState::Closing(match frame {
+                        Some(frame) if u16::from(frame.code) != close::NORMAL => {
+                            Some(ClientError::Closed {
+                                code: frame.code.into(),
+                                reason: frame.reason.to_string(),
+                            })
+                        }
+                        _ => None,
+                    });
                 }
                 // tungstenite answers pings itself.
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
             }
         }
+    }
+
+    /// tungstenite queues the reply to a close frame and sends it on the next read;
+    /// read on (briefly) so the reply goes out and the server sees a clean close.
+    async fn finish_close(&mut self) {
+        let drain = async { while let Some(Ok(_)) = self.stream.next().await {} };
+        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, drain).await;
     }
 }
 

@@ -152,6 +152,9 @@ enum Command {
     Ban {
         peer: PeerId,
     },
+    Unban {
+        peer: PeerId,
+    },
     Shutdown,
 }
 
@@ -385,6 +388,11 @@ impl Network {
         let _ = self.command(Command::Ban { peer }).await;
     }
 
+    /// Lifts a ban.
+    pub async fn unban(&self, peer: PeerId) {
+        let _ = self.command(Command::Unban { peer }).await;
+    }
+
     /// Stops the event loop.
     pub async fn shutdown(&self) {
         let _ = self.command(Command::Shutdown).await;
@@ -480,11 +488,15 @@ impl EventLoop {
                 self.banned.insert(peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+            Command::Unban { peer } => {
+                self.banned.remove(&peer);
+            }
             Command::Shutdown => {}
         }
     }
 
-    async fn emit(&self, event: NetworkEvent) {
+    // `&mut self`: a shared borrow held across the await would need the swarm to be Sync.
+    async fn emit(&mut self, event: NetworkEvent) {
         if self.events.send(event).await.is_err() {
             debug!("no one reads network events");
         }

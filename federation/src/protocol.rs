@@ -51,6 +51,9 @@ pub enum FedRequest {
         /// Versions above this are wanted.
         after_version: u64,
     },
+    /// "Which channels do my server's users share with yours?" (catch-up of channels
+    /// the asker has not heard of yet).
+    SharedChannels,
     /// Asks a channel's home server to change membership on behalf of one of the
     /// asking server's users.
     ChangeMembership {
@@ -93,6 +96,11 @@ pub enum FedResponse {
         events: Vec<String>,
         /// More follow: ask again.
         more: bool,
+    },
+    /// Channel ids answering `SharedChannels`.
+    Channels {
+        /// The channels.
+        channels: Vec<String>,
     },
     /// Done, nothing to report.
     Done,

@@ -593,6 +593,11 @@ impl Channels {
         let _ = self.remote.set(remote);
     }
 
+    /// Which servers this node federates with.
+    pub fn policy(&self) -> &crate::config::FederationPolicy {
+        self.accounts.policy()
+    }
+
     /// The node's clock.
     pub fn clock(&self) -> &Hlc {
         &self.clock

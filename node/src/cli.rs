@@ -32,8 +32,8 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
-    // CHAT-PENDING /// A terminal chat client for a running node.
-    // CHAT-PENDING Chat(hearth_client_api::chat::ChatArgs),
+    /// A terminal chat client for a running node.
+    Chat(hearth_client_api::chat::ChatArgs),
 }
 
 /// Where the node's settings and store are.
@@ -122,7 +122,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::User { command, node } => user(command, node).await,
-        // CHAT-PENDING Command::Chat(args) => hearth_client_api::chat::run(args).await,
+        Command::Chat(args) => hearth_client_api::chat::run(args).await,
     }
 }
 

@@ -192,6 +192,11 @@ impl Hub {
         !conns.is_empty()
     }
 
+    /// Users with at least one connected device.
+    pub fn online_users(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
     /// Number of connected sessions.
     pub fn connection_count(&self) -> usize {
         self.read().values().map(Vec::len).sum()

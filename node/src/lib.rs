@@ -10,6 +10,8 @@
 //! - [`presence`]: online/offline, last activity, and who hears about changes.
 //! - [`session`]: one device's WebSocket session, generic over its transport.
 //! - `http`: the routes, authentication, and the mapping of errors to problem documents.
+//! - [`federation`]: the glue to other servers: directory and pinned keys, outboxes,
+//!   verification of what comes in, catch-up, presence across servers.
 //! - [`metrics`]: the node's Prometheus registry.
 //! - [`cli`]: the `hearth` command line (serve, user admin, chat).
 //!
@@ -21,6 +23,7 @@ pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod federation;
 mod http;
 pub mod hub;
 pub mod metrics;
@@ -44,6 +47,7 @@ pub use crate::error::{ApiError, NodeError};
 
 use crate::accounts::Accounts;
 use crate::channels::{ChannelLimits, Channels};
+use crate::federation::Federation;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
@@ -71,6 +75,8 @@ pub struct Services {
     pub presence: Presence,
     /// Metrics.
     pub metrics: Metrics,
+    /// Federation, when it is on.
+    pub federation: Option<Federation>,
     shutdown: watch::Receiver<bool>,
     accepting: AtomicBool,
 }
@@ -121,8 +127,30 @@ impl Node {
             metrics.clone(),
             identity.key.clone(),
         );
-        let presence = Presence::new(store.clone(), hub.clone(), config.presence_push_max_members);
+        let presence = Presence::new(
+            store.clone(),
+            hub.clone(),
+            config.server_name.clone(),
+            config.presence_push_max_members,
+            Duration::from_secs(config.presence_refresh_secs),
+        );
         let (stop, shutdown) = watch::channel(false);
+        let federation = if config.federation_enabled() {
+            Some(
+                Federation::start(
+                    &config,
+                    identity,
+                    store.clone(),
+                    channels.clone(),
+                    presence.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let svc = Arc::new(Services {
             config,
             store,
@@ -132,6 +160,7 @@ impl Node {
             hub,
             presence,
             metrics,
+            federation,
             shutdown,
             accepting: AtomicBool::new(true),
         });
@@ -173,6 +202,9 @@ impl Node {
                 Ok(())
             }
         };
+        if let Some(f) = &svc.federation {
+            f.stop().await;
+        }
         svc.inboxes.stop();
         if flusher.await.is_err() {
             warn!("the store flusher ended abnormally");
@@ -183,6 +215,10 @@ impl Node {
 
     /// Stops the flusher without serving (for admin commands), flushing the store.
     pub async fn close(self) -> Result<(), NodeError> {
+        let _ = self.stop.send(true);
+        if let Some(f) = &self.svc.federation {
+            f.stop().await;
+        }
         self.svc.inboxes.stop();
         let _ = self.flusher.await;
         self.svc.store.flush().await?;

@@ -25,6 +25,14 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     /// Seconds per store flush (one flush acknowledges a whole group of writes).
     pub flush_seconds: Histogram,
+    /// Events taken in from other servers.
+    pub federation_in: Counter,
+    /// Events delivered to other servers.
+    pub federation_out: Counter,
+    /// Events, descriptors and announcements from other servers that were refused.
+    pub federation_refused: Counter,
+    /// Servers connected now.
+    pub federation_peers: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -46,6 +54,30 @@ impl Metrics {
         // 50 µs to about 3 s.
         let delivery_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
         let flush_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        let federation_in = Counter::default();
+        let federation_out = Counter::default();
+        let federation_refused = Counter::default();
+        let federation_peers = Gauge::default();
+        registry.register(
+            "federation_events_in",
+            "Events taken in from other servers",
+            federation_in.clone(),
+        );
+        registry.register(
+            "federation_events_out",
+            "Events delivered to other servers",
+            federation_out.clone(),
+        );
+        registry.register(
+            "federation_refused",
+            "Events, descriptors and announcements from other servers that were refused",
+            federation_refused.clone(),
+        );
+        registry.register(
+            "federation_peers",
+            "Servers connected now",
+            federation_peers.clone(),
+        );
         registry.register(
             "connections",
             "Open WebSocket sessions",
@@ -85,6 +117,10 @@ impl Metrics {
             slow_disconnects,
             delivery_seconds,
             flush_seconds,
+            federation_in,
+            federation_out,
+            federation_refused,
+            federation_peers,
             registry: Arc::new(registry),
         }
     }

@@ -1,38 +1,90 @@
-//! Presence: who is online, when they were last active, and telling those who share a conversation.
+//! Presence: who is online, when they were last active, and telling those who share a conversation, here and on other servers.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use hearth_client_api::ServerFrame;
 use hearth_client_api::model::{ChannelKind, PresenceInfo, PresenceStatus};
 use hearth_federation::clock::wall_ms;
+use hearth_federation::event::user_server;
+use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::error::ApiResult;
 use crate::hub::{Hub, Outbound};
 use crate::store::Store;
 
+/// A remote user's presence as their server last announced it.
+#[derive(Debug, Clone)]
+struct RemoteStatus {
+    online: bool,
+    last_active_at: Option<u64>,
+    ts: u64,
+    seen: Instant,
+}
+
 /// Presence rules over the hub and the store.
 #[derive(Clone)]
 pub struct Presence {
     store: Store,
     hub: Hub,
+    server_name: String,
     /// Groups larger than this get no pushed presence; their members look it up.
     push_max_members: usize,
+    /// Announcements of local changes go here, to be sent to other servers.
+    relay: Arc<OnceLock<mpsc::UnboundedSender<String>>>,
+    remote: Arc<RwLock<HashMap<String, RemoteStatus>>>,
+    /// A remote "online" not refreshed for this long counts as offline (its server
+    /// may be gone).
+    remote_ttl: Duration,
 }
 
 impl Presence {
     /// Presence for this node.
-    pub fn new(store: Store, hub: Hub, push_max_members: usize) -> Self {
+    pub fn new(
+        store: Store,
+        hub: Hub,
+        server_name: String,
+        push_max_members: usize,
+        refresh: Duration,
+    ) -> Self {
         Presence {
             store,
             hub,
+            server_name,
             push_max_members,
+            relay: Arc::new(OnceLock::new()),
+            remote: Arc::new(RwLock::new(HashMap::new())),
+            remote_ttl: refresh * 3,
         }
+    }
+
+    /// Sends local changes to federation from now on.
+    pub fn set_relay(&self, relay: mpsc::UnboundedSender<String>) {
+        let _ = self.relay.set(relay);
+    }
+
+    fn is_local(&self, user: &str) -> bool {
+        user_server(user) == Some(self.server_name.as_str())
     }
 
     /// A user's presence now.
     pub fn status(&self, user: &str) -> ApiResult<PresenceInfo> {
+        if !self.is_local(user) {
+            let remote = self.remote.read().unwrap_or_else(|e| e.into_inner());
+            let entry = remote.get(user);
+            let online = entry.is_some_and(|r| r.online && r.seen.elapsed() < self.remote_ttl);
+            return Ok(PresenceInfo {
+                user: user.to_string(),
+                status: if online {
+                    PresenceStatus::Online
+                } else {
+                    PresenceStatus::Offline
+                },
+                last_active_at: entry.and_then(|r| r.last_active_at),
+            });
+        }
         let online = self.hub.online(user);
         Ok(PresenceInfo {
             user: user.to_string(),
@@ -45,6 +97,11 @@ impl Presence {
         })
     }
 
+    /// Local users with a connected device.
+    pub fn online_local_users(&self) -> Vec<String> {
+        self.hub.online_users()
+    }
+
     /// Records activity (connect, heartbeat, disconnect).
     pub fn touch(&self, user: &str) {
         if let Err(e) = self.store.set_last_active(user, wall_ms()) {
@@ -52,8 +109,8 @@ impl Presence {
         }
     }
 
-    /// Users who receive `user`'s presence changes: members of the direct chats and
-    /// of the small groups they share.
+    /// Local users who receive `user`'s presence changes: members of the direct
+    /// chats and of the small groups they share.
     pub fn audience(&self, user: &str) -> ApiResult<BTreeSet<String>> {
         let mut out = BTreeSet::new();
         for channel in self.store.user_channels(user)? {
@@ -64,7 +121,7 @@ impl Presence {
                 continue;
             }
             for (member, _) in self.store.members(&channel)? {
-                if member != user {
+                if member != user && self.is_local(&member) {
                     out.insert(member);
                 }
             }
@@ -72,10 +129,20 @@ impl Presence {
         Ok(out)
     }
 
-    /// Tells the audience of `user` their current status. Called after a user's first
-    /// device connects or last device leaves; the status sent is read at sending time,
-    /// so racing connects and disconnects end with the true state.
+    /// Tells the audience of `user` their current status, here and (for local
+    /// users) on other servers. Called after a user's first device connects or last
+    /// device leaves; the status sent is read at sending time, so racing connects and
+    /// disconnects end with the true state.
     pub fn announce(&self, user: &str) {
+        self.tell_audience(user);
+        if self.is_local(user) {
+            if let Some(relay) = self.relay.get() {
+                let _ = relay.send(user.to_string());
+            }
+        }
+    }
+
+    fn tell_audience(&self, user: &str) {
         let (info, audience) = match (self.status(user), self.audience(user)) {
             (Ok(i), Ok(a)) => (i, a),
             (Err(e), _) | (_, Err(e)) => {
@@ -89,6 +156,42 @@ impl Presence {
         let item = Outbound::Presence(Arc::from(frame));
         for member in audience {
             self.hub.send_to_user(&member, &item);
+        }
+    }
+
+    /// Takes in a remote user's presence, as their server announced it (already
+    /// verified). Local users who share a conversation hear of changes.
+    pub fn remote_update(&self, user: &str, online: bool, last_active_at: Option<u64>, ts: u64) {
+        let changed = {
+            let mut remote = self.remote.write().unwrap_or_else(|e| e.into_inner());
+            match remote.get_mut(user) {
+                Some(r) if r.ts > ts => false,
+                Some(r) => {
+                    let was_online = r.online && r.seen.elapsed() < self.remote_ttl;
+                    *r = RemoteStatus {
+                        online,
+                        last_active_at,
+                        ts,
+                        seen: Instant::now(),
+                    };
+                    was_online != online
+                }
+                None => {
+                    remote.insert(
+                        user.to_string(),
+                        RemoteStatus {
+                            online,
+                            last_active_at,
+                            ts,
+                            seen: Instant::now(),
+                        },
+                    );
+                    true
+                }
+            }
+        };
+        if changed {
+            self.tell_audience(user);
         }
     }
 }

@@ -40,6 +40,30 @@ pub fn test_config(dir: &Path) -> Config {
     }
 }
 
+/// Turns test settings into a federating server's.
+pub fn federated(c: &mut Config, name: &str, bootstrap: Vec<String>) {
+    c.server_name = name.to_string();
+    c.federation_listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    c.bootstrap = bootstrap;
+    c.catchup_interval_secs = 2;
+    c.presence_refresh_secs = 2;
+}
+
+/// Waits (bounded) until `check` holds.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    while !check().await {
+        if tokio::time::Instant::now() > deadline {
+            panic!("{what}: not within {:?}", WAIT * 3);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A node running in this process.
 pub struct TestNode {
     /// Where its client API listens.
@@ -47,6 +71,7 @@ pub struct TestNode {
     /// Its settings.
     pub config: Config,
     dir: Arc<tempfile::TempDir>,
+    svc: Option<Arc<hearth_node::Services>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), hearth_node::NodeError>>>,
 }
@@ -71,6 +96,7 @@ impl TestNode {
             .expect("bind loopback");
         let addr = listener.local_addr().expect("local address");
         let node = Node::open(config.clone()).await.expect("node opens");
+        let svc = Some(node.services().clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(node.serve(listener, async move {
             let _ = stopped.await;
@@ -79,9 +105,62 @@ impl TestNode {
             addr,
             config,
             dir,
+            svc,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// Starts a federating node named `name` that dials `bootstrap` (federation
+    /// addresses of other test nodes), with short catch-up and presence intervals.
+    pub async fn server(name: &str, bootstrap: &[String]) -> TestNode {
+        let bootstrap = bootstrap.to_vec();
+        let name = name.to_string();
+        Self::start_with(move |c| federated(c, &name, bootstrap)).await
+    }
+
+    /// Restarts the node on its store, dialing `bootstrap` this time.
+    pub async fn restart_with_bootstrap(&mut self, bootstrap: &[String]) {
+        self.stop().await;
+        let mut config = self.config.clone();
+        config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.federation_listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        config.bootstrap = bootstrap.to_vec();
+        *self = Self::launch(config, self.dir.clone()).await;
+    }
+
+    /// The node's services (for federation addresses and metrics).
+    pub fn services(&self) -> &Arc<hearth_node::Services> {
+        self.svc.as_ref().expect("the node is running")
+    }
+
+    /// Federation addresses (with `/p2p/<peer id>`), once the node listens.
+    pub async fn federation_addrs(&self) -> Vec<String> {
+        let fed = self
+            .services()
+            .federation
+            .clone()
+            .expect("federation is on");
+        for _ in 0..200 {
+            let addrs = fed.addresses().await;
+            if !addrs.is_empty() {
+                return addrs.iter().map(ToString::to_string).collect();
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the node never listened for federation");
+    }
+
+    /// The value of a metric line that starts with `name` (0 if absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.services()
+            .metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// `http://addr`.
@@ -101,6 +180,7 @@ impl TestNode {
 
     /// Stops the node gracefully and waits until its store is closed.
     pub async fn stop(&mut self) {
+        self.svc = None;
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }

@@ -262,7 +262,7 @@ async fn presence(
     }
     let mut presence = Vec::new();
     for name in names {
-        if let Ok(user) = svc.accounts.resolve_local_user(name) {
+        if let Ok(user) = svc.accounts.resolve_user(name) {
             presence.push(svc.presence.status(&user)?);
         }
     }

@@ -1,0 +1,442 @@
+//! Several nodes on loopback as one network: cross-server chat, groups across three
+//! servers, outages and peer-assisted catch-up, discovery through a peer, forged
+//! events, pinned keys, and presence across servers.
+
+use std::collections::BTreeSet;
+
+use hearth_client_api::ServerFrame;
+use hearth_client_api::model::{EventContent, PresenceStatus};
+use hearth_federation::SignedEvent;
+use hearth_federation::event::{EVENT_VERSION, EventContent as FedContent};
+use hearth_federation::protocol::FedResponse;
+use hearth_tests::{TestNode, eventually};
+
+fn bodies(events: &[hearth_client_api::model::Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.content {
+            EventContent::Message { body } => Some(body.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn pair() -> (TestNode, TestNode) {
+    let a = TestNode::server("a.test", &[]).await;
+    let b = TestNode::server("b.test", &a.federation_addrs().await).await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn direct_chat_works_across_servers_both_ways() {
+    let (a, b) = pair().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let mut al = alice.connect().await;
+    let mut bo = bob.connect().await;
+
+    let (id, channel) = al.send_to("bob@b.test", "hello from a").await;
+    let got = bo.event().await;
+    assert_eq!(
+        (got.id.as_str(), got.channel.as_str()),
+        (id.as_str(), channel.as_str())
+    );
+    assert_eq!(got.sender, "alice@a.test");
+    assert_eq!(got.origin, "a.test");
+
+    let (_, reply_channel) = bo.send_to("alice@a.test", "hello from b").await;
+    assert_eq!(
+        reply_channel, channel,
+        "one direct channel for the pair, on both servers"
+    );
+    assert_eq!(al.message().await.1, "hello from a");
+    assert_eq!(
+        al.message().await,
+        ("bob@b.test".into(), "hello from b".into())
+    );
+
+    let on_a = alice
+        .api
+        .history(&channel, None, None)
+        .await
+        .expect("history on a");
+    let on_b = bob
+        .api
+        .history(&channel, None, None)
+        .await
+        .expect("history on b");
+    let ids = |p: &hearth_client_api::http::HistoryPage| {
+        p.events.iter().map(|e| e.id.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&on_a), ids(&on_b), "same history on both servers");
+    assert_eq!(bodies(&on_a.events), vec!["hello from b", "hello from a"]);
+}
+
+#[tokio::test]
+async fn a_group_across_three_servers_delivers_once_to_every_device_in_one_order() {
+    let a = TestNode::server("a.test", &[]).await;
+    let a_addr = a.federation_addrs().await;
+    let b = TestNode::server("b.test", &a_addr).await;
+    let mut c_boot = a_addr.clone();
+    c_boot.extend(b.federation_addrs().await);
+    let c = TestNode::server("c.test", &c_boot).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let bob_phone = b.login(&bob).await;
+    let carol = c.user("carol").await;
+    let group = alice
+        .api
+        .create_group(
+            "three servers",
+            &["bob@b.test".into(), "carol@c.test".into()],
+        )
+        .await
+        .expect("group");
+    assert_eq!(group.member_count, 3);
+
+    let mut devices = vec![
+        alice.connect().await,
+        bob.connect().await,
+        bob_phone.connect().await,
+        carol.connect().await,
+    ];
+    // Wait until the group is known on every server before the others send.
+    for (node, user) in [(&b, &bob), (&c, &carol)] {
+        let channel = group.id.clone();
+        let api = user.api.clone();
+        eventually("the group reached the other servers", || {
+            let api = api.clone();
+            let channel = channel.clone();
+            async move { api.channel(&channel).await.is_ok() }
+        })
+        .await;
+        let _ = node;
+    }
+    let senders = [0usize, 1, 3];
+    let mut sent = Vec::new();
+    for round in 0..3 {
+        for &s in &senders {
+            let body = format!("round {round} from device {s}");
+            devices[s].send_in(&group.id, &body).await;
+            sent.push(body);
+        }
+    }
+    for d in devices.iter_mut() {
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            got.push(d.message().await.1);
+        }
+        let unique: BTreeSet<_> = got.iter().collect();
+        assert_eq!(
+            unique.len(),
+            sent.len(),
+            "each message exactly once per device"
+        );
+    }
+    let history = |user: &hearth_tests::TestUser| {
+        let api = user.api.clone();
+        let channel = group.id.clone();
+        async move {
+            api.history(&channel, None, Some(100))
+                .await
+                .expect("history")
+                .events
+                .into_iter()
+                .map(|e| e.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    let on_a = history(&alice).await;
+    eventually("the same history on all three servers", || {
+        let (h_b, h_c, want) = (history(&bob), history(&carol), on_a.clone());
+        async move { h_b.await == want && h_c.await == want }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_server_that_was_down_catches_up_even_from_a_peer_when_the_origin_is_down_too() {
+    let mut a = TestNode::server("a.test", &[]).await;
+    let a_addr = a.federation_addrs().await;
+    let b = TestNode::server("b.test", &a_addr).await;
+    let b_addr = b.federation_addrs().await;
+    let mut c_boot = a_addr.clone();
+    c_boot.extend(b_addr.clone());
+    let mut c = TestNode::server("c.test", &c_boot).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let carol = c.user("carol").await;
+    let group = alice
+        .api
+        .create_group("resilient", &["bob@b.test".into(), "carol@c.test".into()])
+        .await
+        .expect("group");
+    {
+        let api = carol.api.clone();
+        let channel = group.id.clone();
+        eventually("carol's server knows the group", || {
+            let api = api.clone();
+            let channel = channel.clone();
+            async move { api.channel(&channel).await.is_ok() }
+        })
+        .await;
+    }
+
+    // C goes down; A and B go on talking.
+    c.stop().await;
+    let mut al = alice.connect().await;
+    let mut bo = bob.connect().await;
+    for i in 0..5 {
+        al.send_in(&group.id, &format!("a{i}")).await;
+        bo.send_in(&group.id, &format!("b{i}")).await;
+    }
+    c.restart_with_bootstrap(&c_boot).await;
+    let carol = carol.on(&c);
+    eventually("C has everything after it returns", || {
+        let api = carol.api.clone();
+        let channel = group.id.clone();
+        async move {
+            let page = api.history(&channel, None, Some(100)).await;
+            page.map(|p| bodies(&p.events).len() == 10).unwrap_or(false)
+        }
+    })
+    .await;
+
+    // Now the peer-assisted case: C down again, A and B talk, then A goes down.
+    c.stop().await;
+    for i in 5..8 {
+        al.send_in(&group.id, &format!("a{i}")).await;
+        bo.send_in(&group.id, &format!("b{i}")).await;
+    }
+    // B holds A's messages before A goes away.
+    {
+        let api = bob.api.clone();
+        let channel = group.id.clone();
+        eventually("B holds A's latest messages", || {
+            let api = api.clone();
+            let channel = channel.clone();
+            async move {
+                api.history(&channel, None, Some(100))
+                    .await
+                    .map(|p| bodies(&p.events).contains(&"a7".to_string()))
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+    }
+    al.close().await;
+    a.stop().await;
+    c.restart_with_bootstrap(&b_addr).await;
+    let carol = carol.on(&c);
+    eventually("C gets A's messages from B while A is down", || {
+        let api = carol.api.clone();
+        let channel = group.id.clone();
+        async move {
+            api.history(&channel, None, Some(100))
+                .await
+                .map(|p| {
+                    let b = bodies(&p.events);
+                    ["a5", "a6", "a7", "b5", "b6", "b7"]
+                        .iter()
+                        .all(|m| b.contains(&m.to_string()))
+                })
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let d = carol.connect().await;
+    let all = bodies(&d.backlog);
+    let unique: BTreeSet<_> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "nothing twice in carol's stream");
+    assert_eq!(all.len(), 16);
+}
+
+#[tokio::test]
+async fn a_node_that_knows_one_peer_reaches_a_third_through_it() {
+    let hub = TestNode::server("hub.test", &[]).await;
+    let hub_addr = hub.federation_addrs().await;
+    let a = TestNode::server("a.test", &hub_addr).await;
+    let c = TestNode::server("c.test", &hub_addr).await;
+    let alice = a.user("alice").await;
+    let carol = c.user("carol").await;
+    let mut ca = carol.connect().await;
+    let mut al = alice.connect().await;
+    al.send_to("carol@c.test", "through the hub").await;
+    assert_eq!(
+        ca.message().await,
+        ("alice@a.test".into(), "through the hub".into())
+    );
+    ca.send_to("alice@a.test", "and back").await;
+    assert_eq!(al.message().await.1, "through the hub");
+    assert_eq!(al.message().await.1, "and back");
+}
+
+#[tokio::test]
+async fn forged_and_altered_events_are_refused_and_never_shown() {
+    let a = TestNode::server("a.test", &[]).await;
+    let rogue = TestNode::server("rogue.test", &a.federation_addrs().await).await;
+    let alice = a.user("alice").await;
+    let mallory = rogue.user("mallory").await;
+    // A genuine conversation first, so the rogue knows a real channel.
+    let mut ma = mallory.connect().await;
+    let (_, channel) = ma.send_to("alice@a.test", "hi, I am real").await;
+    let mut al = alice.connect().await;
+    assert_eq!(al.message().await.1, "hi, I am real");
+    let genuine = alice
+        .api
+        .history(&channel, None, None)
+        .await
+        .expect("history")
+        .events;
+    let rogue_fed = rogue.services().federation.clone().expect("federation");
+    let refused_before = a.metric("hearth_federation_refused_total");
+
+    let base = SignedEvent {
+        v: EVENT_VERSION,
+        channel: channel.clone(),
+        origin: "rogue.test".into(),
+        sender: "mallory@rogue.test".into(),
+        seq: 1000,
+        ts: hearth_federation::clock::wall_ms(),
+        mver: 2,
+        content: FedContent::Message {
+            body: "forged".into(),
+        },
+        signatures: Default::default(),
+    };
+    // Claims to come from a user of a.test.
+    let impersonation = SignedEvent {
+        sender: "alice@a.test".into(),
+        ..base.clone()
+    };
+    // Into a group the rogue has no member in.
+    let intrusion = SignedEvent {
+        channel: "nosuchchannel@a.test".into(),
+        seq: 0,
+        ..base.clone()
+    };
+    let valid = rogue_fed.sign_raw(base.clone()).expect("signs");
+    let altered = valid.replace("\"forged\"", "\"altered in transit\"");
+    let pretends_to_be_a = SignedEvent {
+        origin: "a.test".into(),
+        sender: "alice@a.test".into(),
+        ..base.clone()
+    };
+    let events = vec![
+        rogue_fed.sign_raw(impersonation).expect("signs"),
+        rogue_fed.sign_raw(intrusion).expect("signs"),
+        altered,
+        rogue_fed.sign_raw(pretends_to_be_a).expect("signs"),
+        "{\"not\":\"an event\"}".to_string(),
+    ];
+    let FedResponse::Pushed { accepted, refused } = rogue_fed
+        .push_raw("a.test", events)
+        .await
+        .expect("a answers")
+    else {
+        panic!("unexpected answer");
+    };
+    assert_eq!(accepted, 0, "nothing forged is taken in: {refused:?}");
+    assert_eq!(refused.len(), 5);
+    assert!(a.metric("hearth_federation_refused_total") >= refused_before + 4.0);
+    let after = alice
+        .api
+        .history(&channel, None, None)
+        .await
+        .expect("history")
+        .events;
+    assert_eq!(after, genuine, "nothing refused is stored");
+    // Nor delivered: the next thing alice's device sees is a genuine message.
+    ma.send_to("alice@a.test", "still real").await;
+    assert_eq!(al.message().await.1, "still real");
+}
+
+#[tokio::test]
+async fn a_server_that_changes_its_key_is_refused() {
+    let a = TestNode::server("a.test", &[]).await;
+    let a_addr = a.federation_addrs().await;
+    let mut g = TestNode::server("globex.test", &a_addr).await;
+    let alice = a.user("alice").await;
+    let gary = g.user("gary").await;
+    let mut ga = gary.connect().await;
+    ga.send_to("alice@a.test", "before the key change").await;
+    let mut al = alice.connect().await;
+    assert_eq!(al.message().await.1, "before the key change");
+    ga.close().await;
+
+    // The same name comes back with another key.
+    g.stop().await;
+    std::fs::remove_file(g.data_dir().join("node.key")).expect("remove key");
+    let refused_before = a.metric("hearth_federation_refused_total");
+    g.restart_with_bootstrap(&a_addr).await;
+    eventually("a refuses the new key", || {
+        let refused = a.metric("hearth_federation_refused_total");
+        async move { refused > refused_before }
+    })
+    .await;
+    let gary = gary.on(&g);
+    let mut ga = gary.connect().await;
+    ga.send_to("alice@a.test", "after the key change").await;
+    // Give the impostor's outbox time to try; nothing may arrive.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let channels = alice.api.channels().await.expect("channels").channels;
+    let last = channels[0].last_event.as_ref().expect("last event");
+    assert!(
+        matches!(&last.content, EventContent::Message { body } if body == "before the key change")
+    );
+}
+
+#[tokio::test]
+async fn presence_crosses_servers_and_times_out_there_too() {
+    let a = TestNode::server("a.test", &[]).await;
+    let b = TestNode::start_with({
+        let addr = a.federation_addrs().await;
+        move |c| {
+            hearth_tests::federated(c, "b.test", addr);
+            c.heartbeat_timeout_secs = 1;
+        }
+    })
+    .await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let mut al = alice.connect().await;
+    al.send_to("bob@b.test", "are you there?").await;
+    {
+        let api = bob.api.clone();
+        eventually("the direct chat reached b", || {
+            let api = api.clone();
+            async move {
+                api.channels()
+                    .await
+                    .map(|c| !c.channels.is_empty())
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+    }
+    let mut bo = bob.connect().await;
+    let seen_online = al
+        .wait_for(|f| match f {
+            ServerFrame::Presence(p)
+                if p.user == "bob@b.test" && p.status == PresenceStatus::Online =>
+            {
+                Some(())
+            }
+            _ => None,
+        })
+        .await;
+    let _ = seen_online;
+    // Bob's device falls silent; b times it out and a hears of it.
+    let (_, code) = tokio::join!(
+        al.wait_for(|f| match f {
+            ServerFrame::Presence(p)
+                if p.user == "bob@b.test" && p.status == PresenceStatus::Offline =>
+                Some(()),
+            _ => None,
+        }),
+        bo.closed()
+    );
+    assert_eq!(code, hearth_client_api::close::HEARTBEAT_TIMEOUT);
+    let looked_up = alice.api.presence(["bob@b.test"]).await.expect("presence");
+    assert_eq!(looked_up.presence[0].status, PresenceStatus::Offline);
+}
