@@ -530,12 +530,10 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.emit(NetworkEvent::Disconnected(peer_id)).await;
-                }
+                self.emit(NetworkEvent::Disconnected(peer_id)).await;
             }
             SwarmEvent::Behaviour(BehaviourEvent::Federation(event)) => {
                 self.on_federation(event).await
@@ -572,18 +570,16 @@ impl EventLoop {
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
-                result,
+                result: kad::QueryResult::GetRecord(result),
                 ..
             })) => {
-                if let kad::QueryResult::GetRecord(result) = result {
-                    let answer = match result {
-                        Ok(kad::GetRecordOk::FoundRecord(found)) => Ok(found.record.value),
-                        Ok(_) => return,
-                        Err(_) => Err(NetworkError::NotFound),
-                    };
-                    if let Some(reply) = self.pending_records.remove(&id) {
-                        let _ = reply.send(answer);
-                    }
+                let answer = match result {
+                    Ok(kad::GetRecordOk::FoundRecord(found)) => Ok(found.record.value),
+                    Ok(_) => return,
+                    Err(_) => Err(NetworkError::NotFound),
+                };
+                if let Some(reply) = self.pending_records.remove(&id) {
+                    let _ = reply.send(answer);
                 }
             }
             _ => {}

@@ -418,13 +418,13 @@ impl Accounts {
 
     /// Sets the caller's display name (None clears it).
     pub async fn set_display_name(&self, user: &str, name: Option<String>) -> ApiResult<()> {
-        if let Some(n) = &name {
-            if n.trim().is_empty() || n.chars().count() > 64 {
-                return Err(ApiError::new(
-                    ErrorCode::InvalidField,
-                    "display_name must be 1 to 64 characters",
-                ));
-            }
+        if let Some(n) = &name
+            && (n.trim().is_empty() || n.chars().count() > 64)
+        {
+            return Err(ApiError::new(
+                ErrorCode::InvalidField,
+                "display_name must be 1 to 64 characters",
+            ));
         }
         let local = self.local_part(user)?;
         let Some(mut rec) = self.store.account(local)? else {

@@ -436,10 +436,10 @@ impl<'a> Batch<'a> {
             .state(&e.channel)
             .map_err(|err| Refusal::NotYet(err.message))?;
         let after: BTreeSet<String> = state.members.keys().cloned().collect();
-        if let Some(rec) = state.rec.as_mut() {
-            if e.origin == server {
-                rec.next_seq = rec.next_seq.max(e.seq + 1);
-            }
+        if let Some(rec) = state.rec.as_mut()
+            && e.origin == server
+        {
+            rec.next_seq = rec.next_seq.max(e.seq + 1);
         }
         // Who hears of it: members after the event, and whoever it removed.
         let audience: BTreeSet<String> = after.union(&before).cloned().collect();
@@ -532,10 +532,11 @@ impl<'a> Batch<'a> {
                 .cloned(),
         );
         for stored in log {
-            if let EventContent::Membership { version: v, .. } = stored.event.content {
-                if v <= version && replay.rec.as_ref().map_or(0, |r| r.version) + 1 == v {
-                    let _ = replay.apply_membership(channel, &stored.event);
-                }
+            if let EventContent::Membership { version: v, .. } = stored.event.content
+                && v <= version
+                && replay.rec.as_ref().map_or(0, |r| r.version) + 1 == v
+            {
+                let _ = replay.apply_membership(channel, &stored.event);
             }
         }
         Ok(replay.members.keys().cloned().collect())
@@ -634,10 +635,10 @@ impl Channels {
                 Ok(staged)
             })
             .await?;
-        if !servers.is_empty() {
-            if let Some(remote) = self.remote.get() {
-                remote.outbox_ready(servers);
-            }
+        if !servers.is_empty()
+            && let Some(remote) = self.remote.get()
+        {
+            remote.outbox_ready(servers);
         }
         Ok(reply)
     }
@@ -651,10 +652,10 @@ impl Channels {
         a: &str,
         b: &str,
     ) -> ApiResult<String> {
-        if let Some(id) = self.store.direct_channel(a, b)? {
-            if batch.state(&id)?.rec.is_some() {
-                return Ok(id);
-            }
+        if let Some(id) = self.store.direct_channel(a, b)?
+            && batch.state(&id)?.rec.is_some()
+        {
+            return Ok(id);
         }
         if let Some(id) = batch
             .writes
@@ -1092,7 +1093,7 @@ impl Channels {
                 out.push((active, summary));
             }
         }
-        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.sort_by_key(|(active, _)| std::cmp::Reverse(*active));
         Ok(out.into_iter().map(|(_, s)| s).collect())
     }
 

@@ -135,10 +135,10 @@ impl Presence {
     /// disconnects end with the true state.
     pub fn announce(&self, user: &str) {
         self.tell_audience(user);
-        if self.is_local(user) {
-            if let Some(relay) = self.relay.get() {
-                let _ = relay.send(user.to_string());
-            }
+        if self.is_local(user)
+            && let Some(relay) = self.relay.get()
+        {
+            let _ = relay.send(user.to_string());
         }
     }
 

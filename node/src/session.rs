@@ -361,9 +361,8 @@ where
                         }
                     }
                 };
-                if let Some(reply) = reply {
-                    if let Err(e) = out(t, svc, reply).await { return e; }
-                }
+                if let Some(reply) = reply
+                    && let Err(e) = out(t, svc, reply).await { return e; }
             }
             item = rx.recv(), if backlog_done => {
                 let Some(item) = item else { return End::Gone };

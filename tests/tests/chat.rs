@@ -229,7 +229,7 @@ async fn membership_changes_are_events_and_only_admins_make_them() {
     let carol = node.user("carol").await;
     let group = alice
         .api
-        .create_group("team", &[bob.id.clone()])
+        .create_group("team", std::slice::from_ref(&bob.id))
         .await
         .expect("group");
     let mut b = bob.connect().await;
@@ -285,7 +285,7 @@ async fn non_members_can_neither_read_nor_send() {
     let mallory = node.user("mallory").await;
     let group = alice
         .api
-        .create_group("private", &[bob.id.clone()])
+        .create_group("private", std::slice::from_ref(&bob.id))
         .await
         .expect("group");
     let mut a = alice.connect().await;
@@ -356,7 +356,7 @@ async fn history_pages_newest_first_and_is_the_same_for_every_reader() {
     let bob = node.user("bob").await;
     let group = alice
         .api
-        .create_group("log", &[bob.id.clone()])
+        .create_group("log", std::slice::from_ref(&bob.id))
         .await
         .expect("group");
     let mut a = alice.connect().await;

@@ -14,7 +14,7 @@ async fn a_restart_keeps_history_memberships_and_cursors() {
     let bob = node.user("bob").await;
     let group = alice
         .api
-        .create_group("kept", &[bob.id.clone()])
+        .create_group("kept", std::slice::from_ref(&bob.id))
         .await
         .expect("group");
     let mut a = alice.connect().await;

@@ -94,7 +94,7 @@ async fn a_group_across_three_servers_delivers_once_to_every_device_in_one_order
         .expect("group");
     assert_eq!(group.member_count, 3);
 
-    let mut devices = vec![
+    let mut devices = [
         alice.connect().await,
         bob.connect().await,
         bob_phone.connect().await,
@@ -415,17 +415,15 @@ async fn presence_crosses_servers_and_times_out_there_too() {
         .await;
     }
     let mut bo = bob.connect().await;
-    let seen_online = al
-        .wait_for(|f| match f {
-            ServerFrame::Presence(p)
-                if p.user == "bob@b.test" && p.status == PresenceStatus::Online =>
-            {
-                Some(())
-            }
-            _ => None,
-        })
-        .await;
-    let _ = seen_online;
+    al.wait_for(|f| match f {
+        ServerFrame::Presence(p)
+            if p.user == "bob@b.test" && p.status == PresenceStatus::Online =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
     // Bob's device falls silent; b times it out and a hears of it.
     let (_, code) = tokio::join!(
         al.wait_for(|f| match f {

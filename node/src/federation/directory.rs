@@ -121,11 +121,11 @@ impl Directory {
             return Err(TrustError::Unpinned(d.name));
         }
         let stored = self.store.peer(&d.name).ok().flatten();
-        if let Some(prev) = &stored {
-            if decode_key(&prev.key) != Some(raw) {
-                warn!(server = %d.name, "refused: the key differs from the one pinned on first contact");
-                return Err(TrustError::KeyChanged(d.name));
-            }
+        if let Some(prev) = &stored
+            && decode_key(&prev.key) != Some(raw)
+        {
+            warn!(server = %d.name, "refused: the key differs from the one pinned on first contact");
+            return Err(TrustError::KeyChanged(d.name));
         }
         let addrs: Vec<Multiaddr> = d.addrs.iter().filter_map(|a| a.parse().ok()).collect();
         let rec = PeerRecord {

@@ -977,15 +977,14 @@ impl Federation {
     }
 
     async fn request_home(&self, home: &str, request: FedRequest) -> ApiResult<FedResponse> {
-        if let Some(entry) = self.locate(home).await {
-            if let Ok(r) = self
+        if let Some(entry) = self.locate(home).await
+            && let Ok(r) = self
                 .shared
                 .network
                 .request(entry.peer, request.clone())
                 .await
-            {
-                return Ok(r);
-            }
+        {
+            return Ok(r);
         }
         self.relay(home, request).await
     }
