@@ -32,6 +32,9 @@ enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Start a network of N nodes on loopback, with demo users, for trying and testing
+    /// federation; Ctrl-C stops them all.
+    Devnet(DevnetArgs),
     /// A terminal chat client for a running node.
     Chat(hearth_client_api::chat::ChatArgs),
 }
@@ -67,6 +70,27 @@ struct ServeArgs {
     #[arg(long)]
     log: Option<String>,
 }
+
+#[derive(Debug, Args)]
+struct DevnetArgs {
+    /// How many nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Client API port of the first node; the others follow (0: any free ports).
+    #[arg(long, default_value_t = 0)]
+    base_port: u16,
+    /// Keep the nodes' stores here (default: a temporary folder removed on exit).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Log filter.
+    #[arg(long, default_value = "warn")]
+    log: String,
+}
+
+/// Password of the devnet's demo users.
+const DEVNET_PASSWORD: &str = "devnet-password";
+/// Demo users created on every devnet node.
+const DEVNET_USERS: [&str; 3] = ["alice", "bob", "carol"];
 
 #[derive(Debug, Subcommand)]
 enum UserCommand {
@@ -122,6 +146,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::User { command, node } => user(command, node).await,
+        Command::Devnet(args) => devnet(args).await,
         Command::Chat(args) => hearth_client_api::chat::run(args).await,
     }
 }
@@ -171,6 +196,114 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+async fn devnet(args: DevnetArgs) -> Result<()> {
+    if !(1..=50).contains(&args.nodes) {
+        anyhow::bail!("--nodes must be 1 to 50");
+    }
+    let temp;
+    let root = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::tempdir().context("creating a temporary folder")?;
+            temp.path().to_path_buf()
+        }
+    };
+    let mut base = Config {
+        log: args.log.clone(),
+        ..Config::default()
+    };
+    init_logging(&base);
+    base.federation_listen = vec!["/ip4/127.0.0.1/tcp/0".into()];
+    base.catchup_interval_secs = 5;
+    base.presence_refresh_secs = 10;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut running = Vec::new();
+    let mut bootstrap: Vec<String> = Vec::new();
+    println!(
+        "Hearth devnet: {} nodes on loopback (data in {})",
+        args.nodes,
+        root.display()
+    );
+    println!();
+    for i in 1..=args.nodes {
+        let name = format!("node{i}.devnet");
+        let port = if args.base_port == 0 {
+            0
+        } else {
+            args.base_port.saturating_add(i as u16 - 1)
+        };
+        let config = Config {
+            server_name: name.clone(),
+            data_dir: root.join(&name),
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            bootstrap: bootstrap.clone(),
+            ..base.clone()
+        };
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let node = Node::open(config).await?;
+        let svc = node.services().clone();
+        for user in DEVNET_USERS {
+            match svc
+                .accounts
+                .create_account(user, DEVNET_PASSWORD, true)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.code == hearth_client_api::ErrorCode::UserExists => {}
+                Err(e) => anyhow::bail!("creating demo user {user}: {e}"),
+            }
+        }
+        let fed = svc.federation.clone().context("federation did not start")?;
+        let mut fed_addrs = Vec::new();
+        for _ in 0..200 {
+            fed_addrs = fed.addresses().await;
+            if !fed_addrs.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        bootstrap.extend(fed_addrs.iter().map(ToString::to_string));
+        let mut stop = stop_rx.clone();
+        running.push(tokio::spawn(node.serve(listener, async move {
+            let _ = stop.changed().await;
+        })));
+        println!(
+            "  {name:<16} http://{addr}   federation {}",
+            fed_addrs
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
+        println!(
+            "  {:<16} users: {} (password {DEVNET_PASSWORD})",
+            "",
+            DEVNET_USERS.map(|u| format!("{u}@{name}")).join(", ")
+        );
+    }
+    println!();
+    println!("Chat from a terminal, for example:");
+    println!(
+        "  hearth chat --server http://<address above> --user alice --password {DEVNET_PASSWORD}"
+    );
+    println!("  then: /open bob@node2.devnet");
+    println!("or open an address above in a browser. Ctrl-C stops every node.");
+    shutdown_signal().await;
+    println!("stopping {} nodes...", running.len());
+    let _ = stop_tx.send(true);
+    for node in running {
+        match node.await {
+            Ok(Err(e)) => eprintln!("a node stopped with an error: {e}"),
+            Err(e) => eprintln!("a node task failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+    println!("stopped");
+    Ok(())
 }
 
 async fn user(command: UserCommand, node_args: NodeArgs) -> Result<()> {

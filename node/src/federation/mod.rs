@@ -293,7 +293,11 @@ impl Federation {
                 NetworkEvent::Disconnected(_) => {
                     self.shared.metrics.federation_peers.dec();
                 }
-                NetworkEvent::Listening(_) => {
+                NetworkEvent::Listening(addr) => {
+                    info!(
+                        "federation reachable at {}",
+                        addr.with(Protocol::P2p(self.shared.identity.peer_id))
+                    );
                     let me = self.clone();
                     self.spawn(async move { me.publish_descriptor().await });
                 }
