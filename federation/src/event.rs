@@ -286,3 +286,34 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod example {
+    use super::*;
+
+    /// Prints the example used in docs/federation.md (`cargo test -p hearth-federation print_doc_example -- --nocapture`).
+    #[test]
+    fn print_doc_example() {
+        let key = ServerKey::from_seed(&[42; 32]);
+        let (event, id) = SignedEvent {
+            v: EVENT_VERSION,
+            channel: "Jx3k9QpL2mZ1vYt0@acme.example".into(),
+            origin: "acme.example".into(),
+            sender: "alice@acme.example".into(),
+            seq: 7,
+            ts: 1_795_906_574_679,
+            mver: 3,
+            content: EventContent::Message {
+                body: "Lunch at noon?".into(),
+            },
+            signatures: BTreeMap::new(),
+        }
+        .sign(&key)
+        .expect("signs");
+        println!(
+            "{}\n{id}\n{}",
+            serde_json::to_string_pretty(&event).unwrap_or_default(),
+            key.public_key_base64()
+        );
+    }
+}

@@ -438,3 +438,54 @@ async fn presence_crosses_servers_and_times_out_there_too() {
     let looked_up = alice.api.presence(["bob@b.test"]).await.expect("presence");
     assert_eq!(looked_up.presence[0].status, PresenceStatus::Offline);
 }
+
+#[tokio::test]
+async fn a_peer_that_floods_oversized_or_invalid_data_is_refused_then_cut_off_and_the_node_stays_up()
+ {
+    let a = TestNode::server("a.test", &[]).await;
+    let a_addr = a.federation_addrs().await;
+    let rogue = TestNode::server("rogue.test", &a_addr).await;
+    let rogue_fed = rogue.services().federation.clone().expect("federation");
+    eventually("the rogue has met a", || {
+        let known = rogue_fed.known_servers();
+        async move { known.contains(&"a.test".to_string()) }
+    })
+    .await;
+
+    // Too many events in one push.
+    match rogue_fed
+        .push_raw("a.test", vec!["{}".to_string(); 501])
+        .await
+    {
+        Ok(FedResponse::Refused { code, .. }) => assert_eq!(code, "too_large"),
+        other => panic!("an oversized push must be refused, got {other:?}"),
+    }
+    // A request beyond the 1 MiB cap never reaches the handler.
+    let huge = rogue_fed
+        .push_raw("a.test", vec!["x".repeat(2 << 20)])
+        .await;
+    assert!(
+        !matches!(huge, Ok(FedResponse::Pushed { accepted, .. }) if accepted > 0),
+        "{huge:?}"
+    );
+    // A flood of invalid events: refused, and the sender is cut off.
+    let garbage: Vec<String> = (0..60)
+        .map(|i| format!("{{\"v\":1,\"junk\":{i}}}"))
+        .collect();
+    let _ = rogue_fed.push_raw("a.test", garbage).await;
+    eventually("the rogue is cut off", || {
+        let fed = rogue_fed.clone();
+        async move { fed.push_raw("a.test", vec!["{}".into()]).await.is_err() }
+    })
+    .await;
+    assert!(a.metric("hearth_federation_refused_total") >= 60.0);
+
+    // The node itself is unharmed: its users and other servers carry on.
+    let b = TestNode::server("b.test", &a_addr).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let mut bo = bob.connect().await;
+    let mut al = alice.connect().await;
+    al.send_to("bob@b.test", "still here").await;
+    assert_eq!(bo.message().await.1, "still here");
+}
