@@ -24,6 +24,7 @@ pub struct Cli {
 enum Command {
     /// Run the node (no config file needed: defaults serve http://127.0.0.1:8080
     /// with the store in ./hearth-data).
+    #[command(after_long_help = SETTINGS_HELP)]
     Serve(ServeArgs),
     /// Manage accounts in the node's store (stop the node first: the store has one owner).
     User {
@@ -86,6 +87,38 @@ struct DevnetArgs {
     #[arg(long, default_value = "warn")]
     log: String,
 }
+
+/// Every setting, for `hearth serve --help` (docs/operations.md and docs/federation.md
+/// explain each).
+const SETTINGS_HELP: &str = "\
+Settings (TOML file key / environment variable, default):
+  server_name                 HEARTH_SERVER_NAME                 localhost
+  data_dir                    HEARTH_DATA_DIR                    ./hearth-data
+  listen                      HEARTH_LISTEN                      127.0.0.1:8080
+  registration                HEARTH_REGISTRATION                open (or closed)
+  max_group_members           HEARTH_MAX_GROUP_MEMBERS           100
+  presence_push_max_members   HEARTH_PRESENCE_PUSH_MAX_MEMBERS   25
+  heartbeat_timeout_secs      HEARTH_HEARTBEAT_TIMEOUT_SECS      30
+  auth_timeout_secs           HEARTH_AUTH_TIMEOUT_SECS           10
+  max_frame_bytes             HEARTH_MAX_FRAME_BYTES             65536
+  max_body_bytes              HEARTH_MAX_BODY_BYTES              16384
+  rate_limit_per_sec          HEARTH_RATE_LIMIT_PER_SEC          100
+  rate_limit_burst            HEARTH_RATE_LIMIT_BURST            200
+  session_queue               HEARTH_SESSION_QUEUE               1024
+  sync_batch                  HEARTH_SYNC_BATCH                  500
+  log_format                  HEARTH_LOG_FORMAT                  text (or json)
+  log                         HEARTH_LOG                         info
+  federation_listen           HEARTH_FEDERATION_LISTEN           [] (federation off)
+  bootstrap                   HEARTH_BOOTSTRAP                   []
+  peers                       HEARTH_PEERS                       [] (name, addr, key)
+  strict_keys                 HEARTH_STRICT_KEYS                 false
+  allow_servers               HEARTH_ALLOW_SERVERS               []
+  deny_servers                HEARTH_DENY_SERVERS                []
+  mdns                        HEARTH_MDNS                        false
+  catchup_interval_secs       HEARTH_CATCHUP_INTERVAL_SECS       30
+  presence_refresh_secs       HEARTH_PRESENCE_REFRESH_SECS       20
+Layers: defaults, then --config FILE, then HEARTH_* variables, then flags.
+Lists in variables are written as [a, b].";
 
 /// Password of the devnet's demo users.
 const DEVNET_PASSWORD: &str = "devnet-password";
@@ -336,4 +369,30 @@ async fn user(command: UserCommand, node_args: NodeArgs) -> Result<()> {
     };
     node.close().await?;
     result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_help_lists_every_setting_with_its_variable() {
+        for name in crate::config::SETTINGS {
+            assert!(
+                SETTINGS_HELP.contains(&format!("  {name} ")),
+                "{name} missing from help"
+            );
+            let var = format!("HEARTH_{}", name.to_uppercase());
+            assert!(SETTINGS_HELP.contains(&var), "{var} missing from help");
+        }
+        let lines = SETTINGS_HELP
+            .lines()
+            .filter(|l| l.contains("HEARTH_"))
+            .count();
+        assert_eq!(
+            lines,
+            crate::config::SETTINGS.len(),
+            "no setting listed that does not exist"
+        );
+    }
 }
