@@ -273,6 +273,14 @@ where
             _ = sleep_until(deadline) => {
                 return End::Close(close::HEARTBEAT_TIMEOUT, "no heartbeat in time");
             }
+            // Outgoing events first: a client that sends a lot must still receive its
+            // own and others' events, or its queue overflows while it is reading.
+            item = rx.recv(), if backlog_done => {
+                let Some(item) = item else { return End::Gone };
+                if let Err(e) = write_live(t, svc, rx, item, &mut sent_upto).await {
+                    return e;
+                }
+            }
             Some((key, result)) = sends.next(), if !sends.is_empty() => {
                 let frame = match result {
                     Ok(ack) => WireOut::Text(encode(&ServerFrame::Ack {
@@ -363,12 +371,6 @@ where
                 };
                 if let Some(reply) = reply
                     && let Err(e) = out(t, svc, reply).await { return e; }
-            }
-            item = rx.recv(), if backlog_done => {
-                let Some(item) = item else { return End::Gone };
-                if let Err(e) = write_live(t, svc, rx, item, &mut sent_upto).await {
-                    return e;
-                }
             }
             _ = std::future::ready(()), if !backlog_done => {
                 match svc.inboxes.backlog(&auth.user, sent_upto, cfg.sync_batch) {
