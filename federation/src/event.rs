@@ -124,7 +124,10 @@ impl SignedEvent {
         if serde_json::to_value(&event).ok().as_ref() != Some(&value) {
             return Err(EventError::Malformed("unknown or malformed fields".into()));
         }
-        if user_server(&event.sender) != Some(event.origin.as_str()) {
+        // A message is its origin's user's; a membership event is the home server's
+        // decision, and its sender may be a user of any server who asked for it.
+        let is_membership = matches!(event.content, EventContent::Membership { .. });
+        if !is_membership && user_server(&event.sender) != Some(event.origin.as_str()) {
             return Err(EventError::ForeignSender {
                 sender: event.sender,
                 origin: event.origin,

@@ -394,6 +394,7 @@ impl<'a> Batch<'a> {
     ) -> Result<(), Refusal> {
         let e = &stored.event;
         let server = self.server_name().to_string();
+        let max_body = self.channels.limits.max_body_bytes;
         let state = self
             .state(&e.channel)
             .map_err(|err| Refusal::NotYet(err.message))?;
@@ -404,6 +405,14 @@ impl<'a> Batch<'a> {
                 *direct || state.is_direct()
             }
             EventContent::Message { .. } => {
+                if let (false, EventContent::Message { body }) = (ours, &e.content) {
+                    if body.len() > max_body {
+                        return Err(Refusal::Invalid(format!(
+                            "the message is {} bytes; this server takes at most {max_body}",
+                            body.len()
+                        )));
+                    }
+                }
                 if !ours {
                     let Some(rec) = state.rec.as_ref() else {
                         return Err(Refusal::NotYet(format!(
@@ -1151,19 +1160,17 @@ impl Channels {
                 format!("limit must be 1 to {MAX_HISTORY_PAGE}"),
             ));
         }
-        // One more than asked tells whether an older page exists.
-        let mut page = self.store.history(channel, before.as_ref(), limit + 1)?;
+        // One more than asked tells whether an older page exists; a direct channel's
+        // two hidden membership events are dropped before the page is cut.
+        let mut page = self.store.history(channel, before.as_ref(), limit + 3)?;
+        page.retain(|(_, e)| !(direct && is_membership(e)));
         let more = page.len() > limit;
         page.truncate(limit);
         let next = more
             .then(|| page.last().map(|(pos, _)| pos.to_cursor()))
             .flatten();
         Ok(HistoryPage {
-            events: page
-                .iter()
-                .filter(|(_, e)| !(direct && is_membership(e)))
-                .map(|(_, e)| client_event(e, None))
-                .collect(),
+            events: page.iter().map(|(_, e)| client_event(e, None)).collect(),
             next,
         })
     }

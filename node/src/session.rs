@@ -62,6 +62,9 @@ enum End {
     Close(u16, &'static str),
     /// The connection is gone; nothing more to write.
     Gone,
+    /// The client closed: the transport's queued reply (an echo of the client's close)
+    /// goes out with a flush.
+    Echo,
 }
 
 fn encode(frame: &ServerFrame) -> Arc<str> {
@@ -127,13 +130,7 @@ where
         return;
     };
     let end = serve(&mut transport, &svc, &auth).await;
-    if let End::Close(code, reason) = end {
-        let _ = timeout(
-            WRITE_TIMEOUT,
-            transport.send(WireOut::Close(code, reason.to_string())),
-        )
-        .await;
-    }
+    finish(&mut transport, end).await;
 }
 
 /// Waits for the `auth` frame; closes the connection and returns None if it does not come.
@@ -150,7 +147,7 @@ where
         let text = match frame {
             WireIn::Text(text) => text,
             WireIn::Closed => break End::Gone,
-            WireIn::CloseRequested => break End::Close(close::NORMAL, "bye"),
+            WireIn::CloseRequested => break End::Echo,
             WireIn::TooBig => break End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
             WireIn::Binary => {
                 let e = error_frame(
@@ -200,11 +197,29 @@ where
             }
         }
     };
-    if let End::Close(code, reason) = end {
-        debug!(code, reason, "session closed before authenticating");
-        let _ = write(t, WireOut::Close(code, reason.to_string())).await;
-    }
+    debug!("session closed before authenticating");
+    finish(t, end).await;
     None
+}
+
+/// Ends a session on the wire: a close frame, or the echo of the client's close.
+async fn finish<T>(t: &mut T, end: End)
+where
+    T: Sink<WireOut> + Unpin,
+{
+    match end {
+        End::Close(code, reason) => {
+            let _ = timeout(
+                WRITE_TIMEOUT,
+                t.send(WireOut::Close(code, reason.to_string())),
+            )
+            .await;
+        }
+        End::Echo => {
+            let _ = timeout(WRITE_TIMEOUT, t.flush()).await;
+        }
+        End::Gone => {}
+    }
 }
 
 /// The authenticated part of a session.
@@ -218,6 +233,11 @@ where
         Err(_) => return End::Close(close::LOGGED_OUT, "logged out"),
     };
     let mut attachment = svc.hub.attach(&auth.user, &auth.device);
+    // A logout between reading the cursor and attaching kicked nobody: check again.
+    if svc.accounts.cursor(auth).is_err() {
+        attachment.detach();
+        return End::Close(close::LOGGED_OUT, "logged out");
+    }
     svc.presence.touch(&auth.user);
     if attachment.first {
         svc.presence.announce(&auth.user);
@@ -301,7 +321,7 @@ where
                 let text = match frame.unwrap_or(WireIn::Closed) {
                     WireIn::Text(text) => text,
                     WireIn::Closed => return End::Gone,
-                    WireIn::CloseRequested => return End::Close(close::NORMAL, "bye"),
+                    WireIn::CloseRequested => return End::Echo,
                     WireIn::TooBig => return End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
                     WireIn::Binary => {
                         let e = error_frame(ErrorCode::BadRequest, "binary frames are not part of the protocol", None);

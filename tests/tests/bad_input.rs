@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use hearth_client_api::model::{Event, EventContent};
-use hearth_client_api::{ErrorCode, close};
+use hearth_client_api::{ClientFrame, ErrorCode, close};
 use hearth_node::Config;
 use hearth_tests::{PASSWORD, TestNode, TestUser, WAIT};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -697,14 +697,20 @@ async fn a_client_that_stops_reading_is_cut_off_without_slowing_others_and_resyn
     let mut slow_ws = Raw::open_small_window(&node).await;
     slow_ws.auth(slow.api.token()).await;
 
-    // The steady reader reads all along, in its own task.
+    // The steady reader reads all along, in its own task, and heartbeats like a real
+    // client (a loaded machine may stretch this case past the 30 s heartbeat timeout).
     let steady_device = steady.connect().await;
     let reader = tokio::spawn(async move {
         let mut d = steady_device;
         let mut got = Vec::with_capacity(N);
+        let mut beat = Instant::now();
         while got.len() < N {
             let (_, body) = d.message().await;
             got.push((body, Instant::now()));
+            if beat.elapsed() > Duration::from_secs(5) {
+                d.send_frame(&ClientFrame::Heartbeat).await;
+                beat = Instant::now();
+            }
         }
         got
     });
@@ -713,7 +719,7 @@ async fn a_client_that_stops_reading_is_cut_off_without_slowing_others_and_resyn
     let mut s = Raw::authed(&node, &sender).await;
     let mut acked_at: Vec<Option<Instant>> = vec![None; N];
     let (mut next, mut in_flight, mut acked) = (0, 0, 0);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while acked < N {
         while in_flight < WINDOW && next < N {
             let key = format!("slow-{next}");
@@ -760,8 +766,9 @@ async fn a_client_that_stops_reading_is_cut_off_without_slowing_others_and_resyn
         .map(|((_, at), ack)| at.saturating_duration_since(ack.expect("acked")))
         .max()
         .expect("some");
+    // Far below the 10 s a write to the stuck client may block its own session.
     assert!(
-        worst < Duration::from_secs(3),
+        worst < Duration::from_secs(5),
         "the steady reader lagged {worst:?} behind an ack"
     );
 
@@ -948,16 +955,8 @@ async fn bad_http_bodies_routes_methods_and_parameters_get_problems() {
         http().get(w.url("/v1/login")),
         http().delete(w.url("/v1/me")),
     ] {
-        // Only the status line is checked: the document itself says 404 "not_found"
-        // (reported), and no error code names a wrong method.
         let res = res.send().await.expect("answer");
-        assert_eq!(res.status().as_u16(), 405);
-        assert_eq!(
-            res.headers()
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok()),
-            Some("application/problem+json")
-        );
+        problem(res, 405, "method_not_allowed").await;
     }
 
     let bearer = format!("Bearer {}", w.alice.api.token());

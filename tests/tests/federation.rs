@@ -489,3 +489,69 @@ async fn a_peer_that_floods_oversized_or_invalid_data_is_refused_then_cut_off_an
     al.send_to("bob@b.test", "still here").await;
     assert_eq!(bo.message().await.1, "still here");
 }
+
+#[tokio::test]
+async fn members_on_other_servers_leave_and_are_added_through_the_home_server() {
+    let (a, b) = pair().await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let carol = b.user("carol").await;
+    let dave = b.user("dave").await;
+    let group = alice
+        .api
+        .create_group("homed on a", &["bob@b.test".into(), "carol@b.test".into()])
+        .await
+        .expect("group");
+    let members_on_b = |user: &hearth_tests::TestUser| {
+        let api = user.api.clone();
+        let channel = group.id.clone();
+        async move {
+            api.members(&channel)
+                .await
+                .map(|m| {
+                    m.members
+                        .iter()
+                        .map(|m| m.user.clone())
+                        .collect::<BTreeSet<_>>()
+                })
+                .unwrap_or_default()
+        }
+    };
+    eventually("b knows the group", || {
+        let m = members_on_b(&carol);
+        async move { m.await.len() == 3 }
+    })
+    .await;
+
+    // Bob leaves through his own server; the home server decides and tells everyone.
+    bob.api.leave(&group.id).await.expect("bob leaves");
+    eventually("b applied the home server's leave", || {
+        let m = members_on_b(&carol);
+        async move { !m.await.contains("bob@b.test") }
+    })
+    .await;
+    let on_a = alice.api.members(&group.id).await.expect("members on a");
+    assert_eq!(on_a.members.len(), 2);
+
+    // An admin on the home server adds a user of b; b learns it.
+    alice
+        .api
+        .add_member(&group.id, "dave@b.test")
+        .await
+        .expect("add dave");
+    eventually("dave is a member on b", || {
+        let m = members_on_b(&carol);
+        async move { m.await.contains("dave@b.test") }
+    })
+    .await;
+
+    // Messages follow the new membership on both servers.
+    let mut ca = carol.connect().await;
+    let mut da = dave.connect().await;
+    let mut al = alice.connect().await;
+    al.send_in(&group.id, "after the changes").await;
+    assert_eq!(ca.message().await.1, "after the changes");
+    assert_eq!(da.message().await.1, "after the changes");
+    let err = bob.api.history(&group.id, None, None).await.unwrap_err();
+    assert_eq!(err.code(), Some(hearth_client_api::ErrorCode::NotMember));
+}

@@ -51,6 +51,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Descriptors are valid this long.
 const DESCRIPTOR_LIFETIME_MS: u64 = 24 * 3600 * 1000;
+/// Largest event accepted from another server (JSON bytes); bodies are further held
+/// to this node's `max_body_bytes`.
+const MAX_EVENT_BYTES: usize = 32 * 1024;
 /// DHT key prefix of server descriptors.
 const DESCRIPTOR_KEY: &str = "/hearth/server/";
 
@@ -497,29 +500,36 @@ impl Federation {
         let mut valid = Vec::new();
         let mut index = Vec::new();
         for (i, json) in events.iter().enumerate() {
-            let checked = SignedEvent::parse(json, now)
-                .map_err(|e| Refusal::Invalid(e.to_string()))
-                .and_then(|(event, id)| {
-                    if !self.shared.channels_policy_allows(&event.origin) {
-                        return Err(Refusal::Invalid(format!(
-                            "federation with {} is not allowed",
-                            event.origin
-                        )));
-                    }
-                    let own = (event.origin == self.shared.name)
-                        .then(|| self.shared.identity.key.verifying_key());
-                    let Some(key) = own.or_else(|| self.shared.directory.key_of(&event.origin))
-                    else {
-                        return Err(Refusal::NotYet(format!(
-                            "no key known for {}",
-                            event.origin
-                        )));
-                    };
-                    event
-                        .verify(&key)
-                        .map_err(|e| Refusal::Invalid(e.to_string()))?;
-                    Ok(StoredEvent { id, event })
-                });
+            let checked = (if json.len() > MAX_EVENT_BYTES {
+                Err(Refusal::Invalid(format!(
+                    "an event is at most {MAX_EVENT_BYTES} bytes"
+                )))
+            } else {
+                Ok(())
+            })
+            .and_then(|()| {
+                SignedEvent::parse(json, now).map_err(|e| Refusal::Invalid(e.to_string()))
+            })
+            .and_then(|(event, id)| {
+                if !self.shared.channels_policy_allows(&event.origin) {
+                    return Err(Refusal::Invalid(format!(
+                        "federation with {} is not allowed",
+                        event.origin
+                    )));
+                }
+                let own = (event.origin == self.shared.name)
+                    .then(|| self.shared.identity.key.verifying_key());
+                let Some(key) = own.or_else(|| self.shared.directory.key_of(&event.origin)) else {
+                    return Err(Refusal::NotYet(format!(
+                        "no key known for {}",
+                        event.origin
+                    )));
+                };
+                event
+                    .verify(&key)
+                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                Ok(StoredEvent { id, event })
+            });
             match checked {
                 Ok(stored) => {
                     valid.push(stored);
