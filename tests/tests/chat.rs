@@ -501,3 +501,48 @@ async fn a_refused_registration_leaves_no_account_behind() {
         .await
         .expect("the name is still free");
 }
+
+#[tokio::test]
+async fn a_direct_chat_pages_exactly_without_its_hidden_events() {
+    let node = TestNode::start().await;
+    let alice = node.user("alice").await;
+    node.user("bob").await;
+    let mut a = alice.connect().await;
+    let mut channel = String::new();
+    for i in 0..4 {
+        channel = a.send_to("bob", &format!("m{i}")).await.1;
+    }
+    let page = alice.api.history(&channel, None, Some(4)).await.expect("history");
+    assert_eq!(page.events.len(), 4);
+    assert_eq!(page.next, None, "no empty page after the last");
+    let first = alice.api.history(&channel, None, Some(3)).await.expect("history");
+    let next = first.next.expect("an older page exists");
+    let rest = alice.api.history(&channel, Some(&next), Some(3)).await.expect("older");
+    assert_eq!(rest.events.len(), 1);
+    assert_eq!(rest.next, None);
+}
+
+#[tokio::test]
+async fn a_client_close_is_answered_with_a_close() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let node = TestNode::start().await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", node.addr))
+        .await
+        .expect("connect");
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    })))
+    .await
+    .expect("close");
+    let reply = tokio::time::timeout(hearth_tests::WAIT, ws.next())
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(reply, Some(Ok(Message::Close(Some(ref f)))) if f.code == CloseCode::Normal),
+        "expected a close frame back, got {reply:?}"
+    );
+}
