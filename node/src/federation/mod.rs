@@ -1040,10 +1040,8 @@ impl Remote for Link {
         action: MembershipAction,
         user: String,
     ) -> BoxFuture<'static, ApiResult<()>> {
-        match self.federation() {
-            Ok(f) => f.change_membership(home, channel, actor, action, user),
-            Err(e) => Box::pin(async move { Err(e) }),
-        }
+        let link = self.federation();
+        Box::pin(async move { link?.ask_home(home, channel, actor, action, user).await })
     }
 
     fn outbox_ready(&self, servers: Vec<String>) {
@@ -1053,43 +1051,42 @@ impl Remote for Link {
     }
 }
 
-impl Remote for Federation {
-    fn change_membership(
+impl Federation {
+    /// Asks a channel's home server to change membership for a local user.
+    async fn ask_home(
         &self,
         home: String,
         channel: String,
         actor: String,
         action: MembershipAction,
         user: String,
-    ) -> BoxFuture<'static, ApiResult<()>> {
-        let me = self.clone();
-        Box::pin(async move {
-            let action = match action {
-                MembershipAction::Add => "add",
-                MembershipAction::Remove => "remove",
-                MembershipAction::Leave => "leave",
-                MembershipAction::Create => {
-                    return Err(ApiError::new(ErrorCode::BadRequest, "not a change"));
-                }
-            };
-            let request = FedRequest::ChangeMembership {
-                channel,
-                actor,
-                action: action.to_string(),
-                user,
-            };
-            match me.request_home(&home, request).await? {
-                FedResponse::Done => Ok(()),
-                FedResponse::Refused { code, message } => {
-                    let code = serde_json::from_value(serde_json::Value::String(code))
-                        .unwrap_or(ErrorCode::Internal);
-                    Err(ApiError::new(code, message))
-                }
-                other => Err(internal(format!("unexpected answer {other:?}"))),
+    ) -> ApiResult<()> {
+        let action = match action {
+            MembershipAction::Add => "add",
+            MembershipAction::Remove => "remove",
+            MembershipAction::Leave => "leave",
+            MembershipAction::Create => {
+                return Err(ApiError::new(ErrorCode::BadRequest, "not a change"));
             }
-        })
+        };
+        let request = FedRequest::ChangeMembership {
+            channel,
+            actor,
+            action: action.to_string(),
+            user,
+        };
+        match self.request_home(&home, request).await? {
+            FedResponse::Done => Ok(()),
+            FedResponse::Refused { code, message } => {
+                let code = serde_json::from_value(serde_json::Value::String(code))
+                    .unwrap_or(ErrorCode::Internal);
+                Err(ApiError::new(code, message))
+            }
+            other => Err(internal(format!("unexpected answer {other:?}"))),
+        }
     }
 
+    /// Wakes (or starts) the delivery workers of these servers.
     fn outbox_ready(&self, servers: Vec<String>) {
         let mut outboxes = self
             .shared
