@@ -27,7 +27,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::http::{
     AddMember, ChannelList, CreateGroup, Credentials, DeviceList, HistoryPage, Me, MemberList,
-    OpenDirect, PresenceList, Problem, Profile, Session,
+    NewPushTarget, OpenDirect, PresenceList, Problem, Profile, PushSettings, PushTarget,
+    PushTargetList, Session, VapidKey,
 };
 use crate::model::ChannelSummary;
 use crate::{ClientFrame, ErrorCode, PROTOCOL_VERSION, ServerFrame, close};
@@ -338,6 +339,12 @@ impl Client {
         send_json(request).await
     }
 
+    /// `GET /v1/push/vapid`: the node's VAPID public key (no token needed).
+    pub async fn vapid_key(&self) -> Result<VapidKey> {
+        let request = self.request(Method::GET, &["v1", "push", "vapid"])?;
+        send_json(request).await
+    }
+
     /// An authenticated handle using a device's access token.
     pub fn with_token(&self, token: impl Into<String>) -> AuthedClient {
         AuthedClient {
@@ -609,6 +616,56 @@ impl AuthedClient {
         let mut url = self.url(&[("path", "presence")])?;
         url.query_pairs_mut().append_pair("users", &joined);
         send_json(self.authed(Method::GET, url)).await
+    }
+
+    /// `GET /v1/push/targets`: every push target of the user's devices.
+    pub async fn push_targets(&self) -> Result<PushTargetList> {
+        self.json(
+            Method::GET,
+            &[("path", "push"), ("path", "targets")],
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `POST /v1/push/targets`: registers a push target for this device.
+    pub async fn add_push_target(&self, target: &NewPushTarget) -> Result<PushTarget> {
+        self.json(
+            Method::POST,
+            &[("path", "push"), ("path", "targets")],
+            Some(target),
+        )
+        .await
+    }
+
+    /// `DELETE /v1/push/targets/{id}`: removes one of the user's push targets.
+    pub async fn remove_push_target(&self, id: &str) -> Result<()> {
+        self.no_content(
+            Method::DELETE,
+            &[("path", "push"), ("path", "targets"), ("target id", id)],
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `GET /v1/push/settings`.
+    pub async fn push_settings(&self) -> Result<PushSettings> {
+        self.json(
+            Method::GET,
+            &[("path", "push"), ("path", "settings")],
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// `PUT /v1/push/settings`: turns message previews in notifications on or off.
+    pub async fn set_push_settings(&self, settings: &PushSettings) -> Result<PushSettings> {
+        self.json(
+            Method::PUT,
+            &[("path", "push"), ("path", "settings")],
+            Some(settings),
+        )
+        .await
     }
 
     /// `/v1/` followed by the given segments.

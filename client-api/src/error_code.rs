@@ -54,6 +54,10 @@ pub enum ErrorCode {
     NotFound,
     /// The route exists but does not take this HTTP method.
     MethodNotAllowed,
+    /// The push target does not exist or belongs to another user.
+    UnknownPushTarget,
+    /// The user already has the most push targets a user may have.
+    TooManyPushTargets,
     /// The server failed; the request may be retried.
     Internal,
 }
@@ -85,6 +89,8 @@ impl ErrorCode {
             ErrorCode::UnsupportedVersion => "unsupported_version",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::UnknownPushTarget => "unknown_push_target",
+            ErrorCode::TooManyPushTargets => "too_many_push_targets",
             ErrorCode::Internal => "internal",
         }
     }
@@ -108,8 +114,12 @@ impl ErrorCode {
             ErrorCode::UnknownUser
             | ErrorCode::UnknownChannel
             | ErrorCode::UnknownDevice
+            | ErrorCode::UnknownPushTarget
             | ErrorCode::NotFound => 404,
-            ErrorCode::UserExists | ErrorCode::AlreadyMember | ErrorCode::GroupFull => 409,
+            ErrorCode::UserExists
+            | ErrorCode::AlreadyMember
+            | ErrorCode::GroupFull
+            | ErrorCode::TooManyPushTargets => 409,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::TooLarge => 413,
             ErrorCode::RateLimited => 429,

@@ -117,6 +117,102 @@ pub struct PresenceList {
     pub presence: Vec<PresenceInfo>,
 }
 
+/// `GET /v1/push/vapid`: the node's VAPID public key, for `PushManager.subscribe`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VapidKey {
+    /// The uncompressed P-256 public key (65 bytes, starting 0x04), unpadded base64url:
+    /// the `applicationServerKey` a browser subscribes with.
+    pub public_key: String,
+}
+
+/// How the node reaches a push target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum PushKind {
+    /// A Web Push subscription (RFC 8030): encrypted (RFC 8291) and signed with VAPID (RFC 8292).
+    WebPush,
+    /// A plain HTTPS POST of the notification as JSON (UnifiedPush-style endpoint).
+    Webhook,
+}
+
+/// The keys of a Web Push subscription, as `PushSubscription.toJSON().keys` gives them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebPushKeys {
+    /// The subscription's P-256 public key, uncompressed, base64url.
+    pub p256dh: String,
+    /// The subscription's 16-byte authentication secret, base64url.
+    pub auth: String,
+}
+
+/// `POST /v1/push/targets`: registers a push target for the calling device. For Web
+/// Push the body is the browser's `PushSubscription.toJSON()` plus `"kind": "web_push"`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewPushTarget {
+    /// Web Push or webhook.
+    pub kind: PushKind,
+    /// Where to send: the subscription's endpoint, or the webhook URL (`http` or `https`).
+    pub endpoint: String,
+    /// Required for Web Push; ignored for webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<WebPushKeys>,
+}
+
+/// A registered push target (its keys are never sent back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushTarget {
+    /// The target's id.
+    pub id: String,
+    /// Web Push or webhook.
+    pub kind: PushKind,
+    /// Where notifications go.
+    pub endpoint: String,
+    /// The device that registered it; logging that device out removes the target.
+    pub device: String,
+    /// Whether that device is the one making the request.
+    pub current: bool,
+    /// Milliseconds since the epoch.
+    pub created_at: u64,
+}
+
+/// `GET /v1/push/targets`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushTargetList {
+    /// Every push target of the caller's devices.
+    pub targets: Vec<PushTarget>,
+}
+
+/// `GET` and `PUT /v1/push/settings`: the caller's notification settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushSettings {
+    /// Whether notifications carry the newest message's text (default false: only the
+    /// conversation, the sender and a count).
+    #[serde(default)]
+    pub previews: bool,
+}
+
+/// What a push target receives: the decrypted Web Push payload, or the webhook's
+/// JSON body. One notification stands for `count` messages of one conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushNotification {
+    /// Format version, 1.
+    pub v: u32,
+    /// The recipient, `name@server`.
+    pub user: String,
+    /// The conversation (channel id).
+    pub channel: String,
+    /// Sender of the newest message counted.
+    pub sender: String,
+    /// Messages this notification stands for (at least 1).
+    pub count: u64,
+    /// Timestamp of the newest message counted (ms since the epoch).
+    pub ts: u64,
+    /// The newest message's text, only when the user turned previews on; cut at
+    /// 1000 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
 /// Every HTTP error: an RFC 9457 problem document (`application/problem+json`)
 /// extended with the stable `code`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
