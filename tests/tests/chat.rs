@@ -512,12 +512,24 @@ async fn a_direct_chat_pages_exactly_without_its_hidden_events() {
     for i in 0..4 {
         channel = a.send_to("bob", &format!("m{i}")).await.1;
     }
-    let page = alice.api.history(&channel, None, Some(4)).await.expect("history");
+    let page = alice
+        .api
+        .history(&channel, None, Some(4))
+        .await
+        .expect("history");
     assert_eq!(page.events.len(), 4);
     assert_eq!(page.next, None, "no empty page after the last");
-    let first = alice.api.history(&channel, None, Some(3)).await.expect("history");
+    let first = alice
+        .api
+        .history(&channel, None, Some(3))
+        .await
+        .expect("history");
     let next = first.next.expect("an older page exists");
-    let rest = alice.api.history(&channel, Some(&next), Some(3)).await.expect("older");
+    let rest = alice
+        .api
+        .history(&channel, Some(&next), Some(3))
+        .await
+        .expect("older");
     assert_eq!(rest.events.len(), 1);
     assert_eq!(rest.next, None);
 }
