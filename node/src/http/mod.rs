@@ -1,6 +1,7 @@
 //! The client API over HTTP: routes, authentication, and the one place errors become responses.
 
 mod routes;
+mod web;
 mod ws;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 /// The node's router over its services.
 pub fn router(svc: Arc<Services>) -> Router {
     routes::routes()
+        .merge(web::routes())
         .route("/v1/ws", axum::routing::get(ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
