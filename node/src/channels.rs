@@ -404,14 +404,12 @@ impl<'a> Batch<'a> {
                 state.apply_membership(&e.channel, e)?;
                 *direct || state.is_direct()
             }
-            EventContent::Message { .. } => {
-                if let (false, EventContent::Message { body }) = (ours, &e.content) {
-                    if body.len() > max_body {
-                        return Err(Refusal::Invalid(format!(
-                            "the message is {} bytes; this server takes at most {max_body}",
-                            body.len()
-                        )));
-                    }
+            EventContent::Message { body } => {
+                if !ours && body.len() > max_body {
+                    return Err(Refusal::Invalid(format!(
+                        "the message is {} bytes; this server takes at most {max_body}",
+                        body.len()
+                    )));
                 }
                 if !ours {
                     let Some(rec) = state.rec.as_ref() else {
