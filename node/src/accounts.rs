@@ -349,6 +349,7 @@ impl Accounts {
                 format!("you have no device {device}"),
             ));
         }
+        self.store.remove_device_push_targets(user, device)?;
         self.store.flush().await?;
         self.hub
             .kick_device(user, device, hearth_client_api::close::LOGGED_OUT);
@@ -360,6 +361,7 @@ impl Accounts {
     pub async fn logout_all(&self, user: &str) -> ApiResult<()> {
         for (device, _) in self.store.devices(user)? {
             self.store.remove_device(user, &device)?;
+            self.store.remove_device_push_targets(user, &device)?;
             self.hub
                 .kick_device(user, &device, hearth_client_api::close::LOGGED_OUT);
         }

@@ -117,6 +117,10 @@ Settings (TOML file key / environment variable, default):
   mdns                        HEARTH_MDNS                        false
   catchup_interval_secs       HEARTH_CATCHUP_INTERVAL_SECS       30
   presence_refresh_secs       HEARTH_PRESENCE_REFRESH_SECS       20
+  push_coalesce_ms            HEARTH_PUSH_COALESCE_MS            2000
+  push_timeout_secs           HEARTH_PUSH_TIMEOUT_SECS           10
+  push_contact                HEARTH_PUSH_CONTACT                mailto:postmaster@<server_name>
+  push_allow_private          HEARTH_PUSH_ALLOW_PRIVATE          false
 Layers: defaults, then --config FILE, then HEARTH_* variables, then flags.
 Lists in variables are written as [a, b].";
 

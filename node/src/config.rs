@@ -36,6 +36,10 @@ pub const SETTINGS: &[&str] = &[
     "mdns",
     "catchup_interval_secs",
     "presence_refresh_secs",
+    "push_coalesce_ms",
+    "push_timeout_secs",
+    "push_contact",
+    "push_allow_private",
 ];
 
 /// A server this node knows of by configuration.
@@ -131,6 +135,17 @@ pub struct Config {
     pub catchup_interval_secs: u64,
     /// Seconds between re-announcements of who is online here.
     pub presence_refresh_secs: u64,
+    /// Push notifications: messages of one conversation arriving within this many
+    /// milliseconds of the first become one notification.
+    pub push_coalesce_ms: u64,
+    /// Push notifications: seconds a push service or webhook has to answer.
+    pub push_timeout_secs: u64,
+    /// Push notifications: the contact (`mailto:` or `https:` URI) sent to Web Push
+    /// services in the VAPID token; empty means `mailto:postmaster@<server_name>`.
+    pub push_contact: String,
+    /// Push notifications: allow endpoints on loopback, private and link-local
+    /// addresses (off: a user could otherwise make the node call internal services).
+    pub push_allow_private: bool,
 }
 
 impl Default for Config {
@@ -161,6 +176,10 @@ impl Default for Config {
             mdns: false,
             catchup_interval_secs: 30,
             presence_refresh_secs: 20,
+            push_coalesce_ms: 2000,
+            push_timeout_secs: 10,
+            push_contact: String::new(),
+            push_allow_private: false,
         }
     }
 }
@@ -215,6 +234,15 @@ impl Config {
         if self.catchup_interval_secs == 0 || self.presence_refresh_secs == 0 {
             return bad("catchup_interval_secs and presence_refresh_secs must be positive");
         }
+        if self.push_coalesce_ms > 3_600_000 || self.push_timeout_secs == 0 {
+            return bad("push_coalesce_ms must be at most 3600000 and push_timeout_secs positive");
+        }
+        if !(self.push_contact.is_empty()
+            || self.push_contact.starts_with("mailto:")
+            || self.push_contact.starts_with("https://"))
+        {
+            return bad("push_contact must be a mailto: or https:// URI");
+        }
         for peer in &self.peers {
             if !crate::accounts::valid_server_name(&peer.name) {
                 return Err(NodeError::Config(format!(
@@ -229,6 +257,15 @@ impl Config {
     /// Whether federation is on.
     pub fn federation_enabled(&self) -> bool {
         !self.federation_listen.is_empty()
+    }
+
+    /// The VAPID contact: `push_contact`, or `mailto:postmaster@<server_name>`.
+    pub fn push_contact(&self) -> String {
+        if self.push_contact.is_empty() {
+            format!("mailto:postmaster@{}", self.server_name)
+        } else {
+            self.push_contact.clone()
+        }
     }
 
     /// The federation policy these settings describe.

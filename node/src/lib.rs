@@ -8,6 +8,7 @@
 //! - [`sync`]: stream positions, group-committed writes, backlog for reconnecting devices.
 //! - [`hub`]: which devices are connected, and their bounded outbound queues.
 //! - [`presence`]: online/offline, last activity, and who hears about changes.
+//! - [`push`]: push notifications (Web Push, webhooks) for users with no device online.
 //! - [`session`]: one device's WebSocket session, generic over its transport.
 //! - `http`: the routes, authentication, and the mapping of errors to problem documents.
 //! - [`federation`]: the glue to other servers: directory and pinned keys, outboxes,
@@ -28,6 +29,7 @@ mod http;
 pub mod hub;
 pub mod metrics;
 pub mod presence;
+pub mod push;
 pub mod session;
 pub mod store;
 pub mod sync;
@@ -51,6 +53,7 @@ use crate::federation::Federation;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use crate::push::Push;
 use crate::store::{Store, StoreError};
 use crate::sync::Inboxes;
 
@@ -73,6 +76,8 @@ pub struct Services {
     pub hub: Hub,
     /// Presence.
     pub presence: Presence,
+    /// Push notifications.
+    pub push: Push,
     /// Metrics.
     pub metrics: Metrics,
     /// Federation, when it is on.
@@ -134,6 +139,8 @@ impl Node {
             config.presence_push_max_members,
             Duration::from_secs(config.presence_refresh_secs),
         );
+        let push = Push::new(&config, store.clone(), hub.clone(), metrics.clone())?;
+        inboxes.set_offline_sink(Arc::new(push.clone()));
         let (stop, shutdown) = watch::channel(false);
         let federation = if config.federation_enabled() {
             Some(
@@ -159,6 +166,7 @@ impl Node {
             inboxes,
             hub,
             presence,
+            push,
             metrics,
             federation,
             shutdown,
@@ -182,6 +190,7 @@ impl Node {
     ) -> Result<(), NodeError> {
         let Node { svc, flusher, stop } = self;
         let app = http::router(svc.clone());
+        svc.push.start(svc.shutdown.clone());
         let begun = Arc::new(tokio::sync::Notify::new());
         let signal = {
             let svc = svc.clone();
@@ -205,6 +214,7 @@ impl Node {
         if let Some(f) = &svc.federation {
             f.stop().await;
         }
+        svc.push.stop().await;
         svc.inboxes.stop();
         if flusher.await.is_err() {
             warn!("the store flusher ended abnormally");

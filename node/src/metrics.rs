@@ -33,6 +33,14 @@ pub struct Metrics {
     pub federation_refused: Counter,
     /// Servers connected now.
     pub federation_peers: Gauge,
+    /// Push notifications accepted by a push service or webhook.
+    pub push_sent: Counter,
+    /// Push notifications given up (refused, or out of attempts).
+    pub push_failed: Counter,
+    /// Push deliveries that failed for now and were scheduled again.
+    pub push_retried: Counter,
+    /// Push targets removed because their service answered 404 or 410.
+    pub push_removed: Counter,
     registry: Arc<Registry>,
 }
 
@@ -58,6 +66,30 @@ impl Metrics {
         let federation_out = Counter::default();
         let federation_refused = Counter::default();
         let federation_peers = Gauge::default();
+        let push_sent = Counter::default();
+        let push_failed = Counter::default();
+        let push_retried = Counter::default();
+        let push_removed = Counter::default();
+        registry.register(
+            "push_sent",
+            "Push notifications accepted by a push service or webhook",
+            push_sent.clone(),
+        );
+        registry.register(
+            "push_failed",
+            "Push notifications given up (refused, or out of attempts)",
+            push_failed.clone(),
+        );
+        registry.register(
+            "push_retried",
+            "Push deliveries that failed for now and were scheduled again",
+            push_retried.clone(),
+        );
+        registry.register(
+            "push_removed",
+            "Push targets removed because their service answered 404 or 410",
+            push_removed.clone(),
+        );
         registry.register(
             "federation_events_in",
             "Events taken in from other servers",
@@ -121,6 +153,10 @@ impl Metrics {
             federation_out,
             federation_refused,
             federation_peers,
+            push_sent,
+            push_failed,
+            push_retried,
+            push_removed,
             registry: Arc::new(registry),
         }
     }

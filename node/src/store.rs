@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+pub mod push;
+
 /// A store failure: the disk, or a record that does not decode.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -241,6 +243,7 @@ pub struct Store {
     destseq_outbox: sled::Tree,
     servername_peer: sled::Tree,
     meta: sled::Tree,
+    push: push::PushTrees,
 }
 
 fn key2(a: &str, b: &[u8]) -> Vec<u8> {
@@ -322,6 +325,7 @@ impl Store {
             destseq_outbox: t("destseq_outbox")?,
             servername_peer: t("servername_peer")?,
             meta: t("meta")?,
+            push: push::PushTrees::open(&db)?,
             db,
         };
         match store.meta.get(META_SCHEMA)? {

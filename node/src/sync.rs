@@ -12,7 +12,7 @@
 //!   at or below that position, and what is published later reaches its queue.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use hearth_client_api::ErrorCode;
@@ -35,6 +35,14 @@ pub struct Delivery {
     pub pos: u64,
     /// The event, shared by all its recipients.
     pub event: Arc<Event>,
+}
+
+/// Told about each delivery that reached no connected device of its user (push
+/// notifications). Called on the flusher's path: it must only hand the delivery
+/// on, never wait.
+pub trait OfflineSink: Send + Sync {
+    /// `delivery` was committed but its user has no device online.
+    fn undelivered(&self, delivery: &Delivery);
 }
 
 /// What a write closure produced: the changes, who receives what, and the reply.
@@ -95,6 +103,7 @@ struct Shared {
     committed_pos: AtomicU64,
     durable: watch::Sender<Durable>,
     stopping: std::sync::atomic::AtomicBool,
+    offline: OnceLock<Arc<dyn OfflineSink>>,
 }
 
 /// A cheap handle to the node's inboxes.
@@ -121,6 +130,7 @@ impl Inboxes {
             committed_pos: AtomicU64::new(pos),
             durable,
             stopping: Default::default(),
+            offline: OnceLock::new(),
         });
         let flusher = tokio::spawn(run_flusher(shared.clone()));
         Ok((Inboxes { shared }, flusher))
@@ -179,6 +189,11 @@ impl Inboxes {
             ));
         }
         Ok(reply)
+    }
+
+    /// Sets who hears about deliveries to users with no device online (once).
+    pub fn set_offline_sink(&self, sink: Arc<dyn OfflineSink>) {
+        let _ = self.shared.offline.set(sink);
     }
 
     /// Highest stream position that is durable and published.
@@ -258,7 +273,7 @@ fn publish(shared: &Shared, deliveries: Vec<Delivery>, accepted_at: Instant) {
                 continue;
             }
         };
-        shared.hub.send_to_user(
+        let online = shared.hub.send_to_user(
             &d.user,
             &Outbound::Event {
                 pos: d.pos,
@@ -266,6 +281,9 @@ fn publish(shared: &Shared, deliveries: Vec<Delivery>, accepted_at: Instant) {
                 accepted_at,
             },
         );
+        if !online && let Some(sink) = shared.offline.get() {
+            sink.undelivered(&d);
+        }
     }
 }
 

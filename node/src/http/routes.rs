@@ -44,6 +44,7 @@ pub(super) fn routes() -> Router<Arc<Services>> {
         .route("/v1/channels/{id}/leave", post(leave))
         .route("/v1/channels/{id}/messages", get(history))
         .route("/v1/presence", get(presence))
+        .merge(super::push::routes())
 }
 
 async fn healthz() -> &'static str {
