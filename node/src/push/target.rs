@@ -9,11 +9,11 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hearth_client_api::ErrorCode;
 use hearth_client_api::http::{NewPushTarget, PushKind};
+use p256::PublicKey;
 use reqwest::Url;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use sha2::{Digest, Sha256};
 use web_push_native::Auth;
-use p256::PublicKey;
 
 use crate::error::{ApiError, ApiResult};
 use crate::store::push::{PushTargetKind, PushTargetRecord};

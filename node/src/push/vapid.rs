@@ -72,8 +72,7 @@ impl VapidKeys {
             }
             Err(e) => return Err(io(e)),
         };
-        let public =
-            URL_SAFE_NO_PAD.encode(secret.public_key().to_encoded_point(false).as_bytes());
+        let public = URL_SAFE_NO_PAD.encode(secret.public_key().to_encoded_point(false).as_bytes());
         Ok(VapidKeys {
             key: SigningKey::from(&secret),
             public,
