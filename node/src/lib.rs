@@ -203,6 +203,13 @@ impl Node {
                 begun.notify_one();
             }
         };
+        // Small frames, each wanted at once: no Nagle on client sockets (with delayed
+        // acks it costs tens of milliseconds per exchange).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
         let server = axum::serve(listener, app).with_graceful_shutdown(signal);
         let served = tokio::select! {
             r = server => r.map_err(NodeError::Io),
