@@ -555,3 +555,72 @@ async fn members_on_other_servers_leave_and_are_added_through_the_home_server() 
     let err = bob.api.history(&group.id, None, None).await.unwrap_err();
     assert_eq!(err.code(), Some(hearth_client_api::ErrorCode::NotMember));
 }
+
+#[tokio::test]
+async fn a_denied_server_is_refused_both_ways() {
+    let a = TestNode::start_with(|c| {
+        hearth_tests::federated(c, "a.test", vec![]);
+        c.deny_servers = vec!["b.test".into()];
+    })
+    .await;
+    let b = TestNode::server("b.test", &a.federation_addrs().await).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let err = alice.api.open_direct("bob@b.test").await.unwrap_err();
+    assert_eq!(err.code(), Some(hearth_client_api::ErrorCode::UnknownUser));
+    eventually("a refused b's introduction", || {
+        let refused = a.metric("hearth_federation_refused_total");
+        async move { refused >= 1.0 }
+    })
+    .await;
+    let mut bo = bob.connect().await;
+    bo.send_to("alice@a.test", "let me in").await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let channels = alice.api.channels().await.expect("channels").channels;
+    assert!(
+        channels.is_empty(),
+        "nothing from a denied server reaches a: {channels:?}"
+    );
+}
+
+#[tokio::test]
+async fn strict_mode_trusts_only_configured_keys() {
+    let b = TestNode::server("b.test", &[]).await;
+    let c = TestNode::server("c.test", &[]).await;
+    let b_key = b
+        .services()
+        .federation
+        .clone()
+        .expect("federation")
+        .public_key();
+    let mut boot = b.federation_addrs().await;
+    boot.extend(c.federation_addrs().await);
+    let a = TestNode::start_with(move |cfg| {
+        hearth_tests::federated(cfg, "a.test", boot);
+        cfg.strict_keys = true;
+        cfg.peers = vec![hearth_node::config::PeerConfig {
+            name: "b.test".into(),
+            addr: None,
+            key: Some(b_key),
+        }];
+    })
+    .await;
+    let a_fed = a.services().federation.clone().expect("federation");
+    eventually("a trusts the pinned b", || {
+        let known = a_fed.known_servers();
+        async move { known.contains(&"b.test".to_string()) }
+    })
+    .await;
+    eventually("a refused the unpinned c", || {
+        let refused = a.metric("hearth_federation_refused_total");
+        async move { refused >= 1.0 }
+    })
+    .await;
+    assert!(!a_fed.known_servers().contains(&"c.test".to_string()));
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let mut bo = bob.connect().await;
+    let mut al = alice.connect().await;
+    al.send_to("bob@b.test", "pinned and trusted").await;
+    assert_eq!(bo.message().await.1, "pinned and trusted");
+}

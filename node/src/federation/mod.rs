@@ -205,6 +205,11 @@ impl Federation {
             .collect()
     }
 
+    /// This node's public key (unpadded base64), as other servers pin it.
+    pub fn public_key(&self) -> String {
+        self.shared.identity.key.public_key_base64()
+    }
+
     /// Servers this node has verified and pinned.
     pub fn known_servers(&self) -> Vec<String> {
         self.shared
