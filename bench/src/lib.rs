@@ -14,6 +14,7 @@
 //!   and the peer task that sends at a pace or with a window and records every ack
 //!   and delivery.
 //! - `stats`: latency samples, percentiles, throughput timelines.
+//! - `metrics`: the node's own flush and delivery histograms, from `/metrics`.
 //! - [`report`]: the report (table, JSON) every scenario produces.
 //! - `plot`: the SVG plots.
 //! - `scenario`: one module per scenario (idle, direct, max, group, devices,
@@ -21,6 +22,7 @@
 
 pub mod cli;
 mod load;
+mod metrics;
 pub mod node;
 mod plot;
 pub mod report;

@@ -65,10 +65,7 @@ pub async fn register_many(
             let name = format!("{prefix}{i}");
             let pb = pb.clone();
             async move {
-                let s = client
-                    .register(&name, PASSWORD, Some("bench"))
-                    .await
-                    .with_context(|| format!("registering {name}"))?;
+                let s = register_one(&client, &name).await?;
                 pb.inc(1);
                 Ok::<_, anyhow::Error>(Account {
                     name,
@@ -80,6 +77,33 @@ pub async fn register_many(
         .buffered(concurrency.max(1))
         .try_collect()
         .await
+}
+
+/// Registers one account, retrying transient failures; if an earlier try did
+/// create it (and only the answer was lost), logs in instead.
+async fn register_one(client: &Client, name: &str) -> Result<hearth_client_api::http::Session> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let e = match client.register(name, PASSWORD, Some("bench")).await {
+            Ok(s) => return Ok(s),
+            Err(e) => e,
+        };
+        if e.code() == Some(hearth_client_api::ErrorCode::UserExists) && tries > 1 {
+            return client
+                .login(name, PASSWORD, Some("bench"))
+                .await
+                .with_context(|| format!("logging {name} in after a retried registration"));
+        }
+        if !e.is_transient() || tries >= 5 {
+            return Err(anyhow::Error::new(e).context(format!("registering {name}")));
+        }
+        eprintln!(
+            "registering {name} failed ({:#}); retrying",
+            anyhow::Error::new(e)
+        );
+        tokio::time::sleep(Duration::from_millis(200 * tries)).await;
+    }
 }
 
 /// Logs `account` in on `n` more devices.
@@ -256,6 +280,12 @@ pub struct PeerStats {
     pub delivered_timeline: Timeline,
     /// Why the session ended early, if it did.
     pub closed: Option<String>,
+    /// This peer's number.
+    pub index: u32,
+    /// Seqs of this peer's messages that were acknowledged.
+    pub acked_seqs: Vec<u64>,
+    /// `(sender, seq)` of every message received from others.
+    pub seen: HashSet<(u32, u64)>,
     /// Send times of this peer's messages by seq, when deliveries are kept.
     pub send_times: Vec<(u64, u64)>,
 }
@@ -333,8 +363,9 @@ impl Peer {
             }
             ServerFrame::Ack { key, .. } => {
                 let seq = key.rsplit('-').next().and_then(|s| s.parse::<u64>().ok());
-                if let Some(t) = seq.and_then(|s| self.pending.remove(&s)) {
+                if let Some((seq, t)) = seq.and_then(|s| self.pending.remove(&s).map(|t| (s, t))) {
                     self.stats.acked += 1;
+                    self.stats.acked_seqs.push(seq);
                     Shared::add(&self.shared.acked);
                     self.stats
                         .ack
@@ -474,6 +505,8 @@ pub async fn run_peer(
     } else {
         let _ = tx.close().await;
     }
+    peer.stats.index = peer.plan.index;
+    peer.stats.seen = std::mem::take(&mut peer.seen);
     peer.stats
 }
 
@@ -500,6 +533,11 @@ pub struct Merged {
     pub delivered_timeline: Timeline,
     /// Sessions that ended early, with why.
     pub closed: Vec<String>,
+    /// Acknowledged messages that no peer received: lost after a durable ack.
+    pub acked_never_delivered: u64,
+    /// Messages received whose ack never came back (overload: the sender gave up
+    /// waiting, or the session ended first).
+    pub delivered_unacked: u64,
 }
 
 impl Merged {
@@ -522,6 +560,16 @@ impl Merged {
                 m.closed.push(c.clone());
             }
         }
+        let mut delivered: HashSet<(u32, u64)> = HashSet::new();
+        for s in stats {
+            delivered.extend(s.seen.iter().copied());
+        }
+        let mut acked: HashSet<(u32, u64)> = HashSet::new();
+        for s in stats {
+            acked.extend(s.acked_seqs.iter().map(|&q| (s.index, q)));
+        }
+        m.acked_never_delivered = acked.difference(&delivered).count() as u64;
+        m.delivered_unacked = delivered.difference(&acked).count() as u64;
         m
     }
 }

@@ -11,10 +11,11 @@ use crate::cli::Env;
 use crate::load::{
     self, Merged, Pace, PeerPlan, Shared, Until, connect, login_many, register_many, run_tag,
 };
+use crate::metrics::NodeMetrics;
 use crate::plot::Plot;
 use crate::report::Report;
 use crate::scenario::direct::latency_rows;
-use crate::scenario::{counts, load_plot};
+use crate::scenario::{counts, load_plot, metric_rows};
 use crate::system::{CpuMeter, rss_kib};
 
 /// Options of `devices`.
@@ -100,6 +101,7 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
         ));
     }
     pb.finish_and_clear();
+    let node_metrics = NodeMetrics::start(&subject.url).await;
     let shared = Shared::new();
     let meter = CpuMeter::start(subject.pid);
     let pb = env.bar((args.secs * 1000.0) as u64, "load");
@@ -141,9 +143,11 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
         devices_exact == devices.len(),
     );
     let l = latency_rows(&mut report, &mut m, None);
+    let n = metric_rows(&mut report, node_metrics.stop().await);
     report.cpu = Some(cpu);
     report.node_rss_kib = subject.pid.and_then(rss_kib);
-    report.results = json!({ "counts": c, "latency": l, "devices_exact": devices_exact });
+    report.results =
+        json!({ "counts": c, "latency": l, "devices_exact": devices_exact, "node_metrics": n });
     let plot = load_plot(
         format!(
             "devices: {n} users x {} devices, {} msg/s",

@@ -11,9 +11,10 @@ use crate::cli::Env;
 use crate::load::{
     self, Account, Merged, Pace, PeerPlan, Shared, Until, connect, register_many, run_tag,
 };
+use crate::metrics::NodeMetrics;
 use crate::plot::Plot;
 use crate::report::{Report, per_sec};
-use crate::scenario::{counts, load_plot, spread};
+use crate::scenario::{counts, load_plot, metric_rows, spread};
 use crate::system::{CpuMeter, rss_kib};
 
 /// How long a single-node load waits, after sending stops, for what is still due.
@@ -225,6 +226,7 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
     let ws = subject.ws_url();
     let pairs = make_pairs(env, (&client, &ws), (&client, &ws), args.pairs).await?;
     let pids: Vec<u32> = subject.pid.into_iter().collect();
+    let node_metrics = NodeMetrics::start(&subject.url).await;
     let (mut m, secs, cpu) = pair_load(
         env,
         &pairs,
@@ -243,9 +245,10 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
     let c = counts(&mut report, &m, m.acked, secs);
     // The target is for 10,000 msg/s; shown at every rate for comparison.
     let l = latency_rows(&mut report, &mut m, Some(5.0));
+    let n = metric_rows(&mut report, node_metrics.stop().await);
     report.cpu = cpu.into_iter().next();
     report.node_rss_kib = subject.pid.and_then(rss_kib);
-    report.results = json!({ "counts": c, "latency": l });
+    report.results = json!({ "counts": c, "latency": l, "node_metrics": n });
     let plot = load_plot(
         format!(
             "direct: {} pairs at {} msg/s for {} s",
@@ -267,6 +270,7 @@ pub async fn run_max(env: &Env, args: &MaxArgs) -> Result<(Report, Option<Plot>)
     let ws = subject.ws_url();
     let pairs = make_pairs(env, (&client, &ws), (&client, &ws), args.pairs).await?;
     let pids: Vec<u32> = subject.pid.into_iter().collect();
+    let node_metrics = NodeMetrics::start(&subject.url).await;
     let (mut m, secs, cpu) = pair_load(
         env,
         &pairs,
@@ -287,7 +291,7 @@ pub async fn run_max(env: &Env, args: &MaxArgs) -> Result<(Report, Option<Plot>)
     );
     let c = counts(&mut report, &m, m.acked, secs);
     let rate = m.delivered as f64 / secs;
-    let lost = m.acked.saturating_sub(m.delivered);
+    let lost = m.acked_never_delivered + m.acked.saturating_sub(m.delivered);
     report.against(
         "sustained 1:1 rate, nothing lost",
         per_sec(rate),
@@ -295,6 +299,7 @@ pub async fn run_max(env: &Env, args: &MaxArgs) -> Result<(Report, Option<Plot>)
         rate >= 50_000.0 && lost == 0 && m.closed.is_empty(),
     );
     let l = latency_rows(&mut report, &mut m, None);
+    let n = metric_rows(&mut report, node_metrics.stop().await);
     let cpu = cpu.into_iter().next();
     if let Some(node_s) = cpu.as_ref().and_then(|c| c.node_cpu_s)
         && m.acked > 0
@@ -306,7 +311,7 @@ pub async fn run_max(env: &Env, args: &MaxArgs) -> Result<(Report, Option<Plot>)
     }
     report.cpu = cpu;
     report.node_rss_kib = subject.pid.and_then(rss_kib);
-    report.results = json!({ "counts": c, "latency": l, "rate": rate });
+    report.results = json!({ "counts": c, "latency": l, "rate": rate, "node_metrics": n });
     let plot = load_plot(
         format!("max: {} pairs, {} in flight each", args.pairs, args.window),
         &mut m,

@@ -205,7 +205,7 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
         );
         let c = counts(&mut report, &mm, mm.acked, msecs);
         let rate = mm.delivered as f64 / msecs;
-        let lost = mm.acked.saturating_sub(mm.delivered);
+        let lost = mm.acked_never_delivered + mm.acked.saturating_sub(mm.delivered);
         report.against(
             "cross-server rate, nothing lost",
             per_sec(rate),

@@ -12,9 +12,10 @@ use crate::cli::Env;
 use crate::load::{
     self, Account, Merged, Pace, PeerPlan, Shared, Until, connect, register_many, run_tag,
 };
+use crate::metrics::NodeMetrics;
 use crate::plot::Plot;
 use crate::report::{Report, ms, per_sec};
-use crate::scenario::{counts, load_plot, spread};
+use crate::scenario::{counts, load_plot, metric_rows, spread};
 use crate::stats::Samples;
 use crate::system::{CpuMeter, CpuUse, rss_kib};
 
@@ -202,6 +203,7 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
         .map(|a| (subject.url.clone(), a))
         .collect();
     let pids: Vec<u32> = subject.pid.into_iter().collect();
+    let node_metrics = NodeMetrics::start(&subject.url).await;
     let mut r = group_load(
         env,
         &members,
@@ -220,7 +222,8 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
         }),
     );
     report.figure("target rate", per_sec(args.rate));
-    let results = group_rows(&mut report, &mut r, args.members, 10.0);
+    let mut results = group_rows(&mut report, &mut r, args.members, 10.0);
+    results["node_metrics"] = metric_rows(&mut report, node_metrics.stop().await);
     report.cpu = r.cpu.into_iter().next();
     report.node_rss_kib = subject.pid.and_then(rss_kib);
     report.results = results;

@@ -11,6 +11,7 @@ pub mod restart;
 use serde_json::json;
 
 use crate::load::Merged;
+use crate::metrics::HistogramSummary;
 use crate::plot::Plot;
 use crate::report::{Report, ms, per_sec};
 use crate::stats::Summary;
@@ -22,7 +23,8 @@ pub(crate) fn counts(
     expected: u64,
     secs: f64,
 ) -> serde_json::Value {
-    let lost = expected.saturating_sub(m.delivered);
+    let missing = expected.saturating_sub(m.delivered);
+    let lost = m.acked_never_delivered;
     let unanswered = m
         .sent
         .saturating_sub(m.acked + m.errors.values().sum::<u64>());
@@ -30,9 +32,23 @@ pub(crate) fn counts(
     report.figure("acknowledged", m.acked.to_string());
     report.figure(
         "delivered",
-        format!("{} of {expected} expected", m.delivered),
+        format!("{} of {expected} expected for the acks", m.delivered),
     );
-    report.against("lost", lost.to_string(), "0", lost == 0);
+    report.against(
+        "lost (acknowledged, never delivered)",
+        lost.to_string(),
+        "0",
+        lost == 0,
+    );
+    if missing > 0 {
+        report.figure("deliveries missing", missing.to_string());
+    }
+    if m.delivered_unacked > 0 {
+        report.figure(
+            "delivered but never acknowledged",
+            m.delivered_unacked.to_string(),
+        );
+    }
     report.against(
         "duplicated",
         m.duplicates.to_string(),
@@ -60,6 +76,10 @@ pub(crate) fn counts(
         "delivered": m.delivered,
         "expected_deliveries": expected,
         "lost": lost,
+        "missing_deliveries": missing,
+        "delivered_unacked": m.delivered_unacked,
+        "missing_deliveries": missing,
+        "delivered_unacked": m.delivered_unacked,
         "duplicates": m.duplicates,
         "unanswered": unanswered,
         "sessions_ended_early": m.closed,
@@ -100,4 +120,27 @@ pub(crate) fn load_plot(title: String, m: &mut Merged) -> Plot {
         series_x: "seconds".into(),
         series_y: "messages per second".into(),
     }
+}
+
+/// Adds the node's own histograms over the load (bucket bounds, so "<=").
+pub(crate) fn metric_rows(
+    report: &mut Report,
+    histograms: Vec<(&'static str, HistogramSummary)>,
+) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (what, h) in histograms {
+        report.figure(
+            format!("node metrics: {what} p50 / p99 / max"),
+            format!(
+                "<= {} / <= {} / <= {} ({} observed, mean {})",
+                ms(h.p50_le_ms),
+                ms(h.p99_le_ms),
+                ms(h.max_le_ms),
+                h.count,
+                ms(h.mean_ms)
+            ),
+        );
+        out.insert(what.to_string(), json!(h));
+    }
+    serde_json::Value::Object(out)
 }
