@@ -1,10 +1,11 @@
 //! The browser chat page: static assets compiled into the binary (`node/web/`).
 //!
-//! No build step and no network at run time: `index.html`, `app.js`, `style.css` and
-//! `icon.svg` are embedded with `include_str!` and served with their content type, a
-//! strong `ETag` (answering `If-None-Match` with 304), `Cache-Control: no-cache` (the
-//! browser revalidates, so a new binary's page is picked up at once) and a strict
-//! same-origin Content Security Policy. The page speaks only the client protocol
+//! No build step and no network at run time: `index.html`, `app.js`, `style.css`,
+//! `icon.svg` and the service worker `sw.js` (push notifications) are embedded with
+//! `include_str!` and served with their content type, a strong `ETag` (answering
+//! `If-None-Match` with 304), `Cache-Control: no-cache` (the browser revalidates, so a
+//! new binary's page is picked up at once) and a strict same-origin Content Security
+//! Policy. The page speaks only the client protocol
 //! (`docs/protocol.md`).
 
 use std::sync::LazyLock;
@@ -15,11 +16,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sha2::{Digest, Sha256};
 
-/// Only this origin's scripts, styles, images and connections (WebSocket included);
-/// no inline code, no frames, no plugins.
+/// Only this origin's scripts, styles, images, connections (WebSocket included) and
+/// service worker; no inline code, no frames, no plugins. The worker gets the same
+/// policy, so it too can only talk to this origin.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
-                   connect-src 'self'; manifest-src 'self'; base-uri 'none'; form-action 'self'; \
-                   frame-ancestors 'none'";
+                   connect-src 'self'; worker-src 'self'; manifest-src 'self'; base-uri 'none'; \
+                   form-action 'self'; frame-ancestors 'none'";
 
 /// One embedded file.
 struct Asset {
@@ -60,8 +62,15 @@ static STYLE: LazyLock<Asset> = LazyLock::new(|| {
 });
 static ICON: LazyLock<Asset> =
     LazyLock::new(|| Asset::new(include_str!("../../web/icon.svg"), "image/svg+xml"));
+/// Registered with scope `/` (its own folder), so no `Service-Worker-Allowed` header.
+static WORKER: LazyLock<Asset> = LazyLock::new(|| {
+    Asset::new(
+        include_str!("../../web/sw.js"),
+        "text/javascript; charset=utf-8",
+    )
+});
 
-/// `GET /`, `/app.js`, `/style.css`, `/icon.svg` (HEAD too).
+/// `GET /`, `/app.js`, `/style.css`, `/icon.svg`, `/sw.js` (HEAD too).
 pub(super) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|h: HeaderMap| async move { serve(&INDEX, &h) }))
@@ -76,6 +85,10 @@ pub(super) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route(
             "/icon.svg",
             get(|h: HeaderMap| async move { serve(&ICON, &h) }),
+        )
+        .route(
+            "/sw.js",
+            get(|h: HeaderMap| async move { serve(&WORKER, &h) }),
         )
 }
 
@@ -123,7 +136,7 @@ mod tests {
 
     #[test]
     fn the_page_is_light() {
-        let total: usize = [&INDEX, &APP, &STYLE, &ICON]
+        let total: usize = [&INDEX, &APP, &STYLE, &ICON, &WORKER]
             .iter()
             .map(|a| a.body.len())
             .sum();
@@ -149,5 +162,17 @@ mod tests {
             res.headers()[header::CONTENT_TYPE],
             "text/javascript; charset=utf-8"
         );
+    }
+
+    #[test]
+    fn the_service_worker_is_javascript_and_allowed_by_the_policy() {
+        let res = serve(&WORKER, &HeaderMap::new());
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            "text/javascript; charset=utf-8"
+        );
+        assert!(CSP.contains("worker-src 'self'"));
+        assert!(WORKER.body.contains("addEventListener('push'"));
     }
 }
