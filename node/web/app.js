@@ -12,7 +12,9 @@
 //      cursor, reconnect with backoff
 //   5. conversations: list, history paging, live merge, rendering
 //   6. sending: pending, sent, failed and retry with the same key
-//   7. presence, dialogs, start-up
+//   7. presence, dialogs, composer and navigation
+//   8. notifications: Web Push through the service worker sw.js
+//   then sign-in and start-up
 'use strict';
 
 // ---------------------------------------------------------------- 1. helpers
@@ -1143,6 +1145,257 @@ window.addEventListener('offline', () => { if (W.state === 'offline') countdown(
 // Relative times ("last active 5 minutes ago") age while the page is open.
 setInterval(() => { if (S.current) renderHeader(); }, 60000);
 
+// ---------------------------------------------------------------- 8. notifications
+//
+// Web Push (docs/protocol.md, section 14). Nothing happens on load but looking at what
+// this browser already has: the service worker is registered, permission asked and
+// the subscription made only when the person presses "Turn on notifications". What
+// the service worker needs while no page is open (who is signed in, the target's id)
+// is kept in Cache Storage, which it can read too.
+
+const N = {
+  supported: 'serviceWorker' in navigator && 'PushManager' in window && window.isSecureContext,
+  on: false,
+  busy: false,
+  started: false, // notifyStart ran for this session
+};
+const PUSH_STATE = '/hearth-push-state';
+
+async function pushState() {
+  try {
+    const r = await (await caches.open('hearth')).match(PUSH_STATE);
+    return r ? await r.json() : null;
+  } catch { return null; }
+}
+
+async function setPushState(st) {
+  try {
+    const c = await caches.open('hearth');
+    if (st) await c.put(PUSH_STATE, new Response(JSON.stringify(st), { headers: { 'Content-Type': 'application/json' } }));
+    else await c.delete(PUSH_STATE);
+  } catch { /* storage disabled: the worker cannot renew a subscription alone */ }
+}
+
+function notifyError(text) {
+  $('notify-error').textContent = text || '';
+  $('notify-error').hidden = !text;
+}
+
+function renderNotify(state) {
+  const b = $('notify-btn');
+  const s = $('notify-state');
+  if (!N.supported) {
+    const why = !window.isSecureContext
+      ? 'Notifications need a secure connection: open this page over https.'
+      : 'This browser cannot receive notifications from web pages (it lacks service workers or push messaging).';
+    s.textContent = 'Notifications are not available here.';
+    s.title = why;
+    s.setAttribute('aria-description', why);
+    b.hidden = true;
+    return;
+  }
+  b.hidden = false;
+  b.textContent = N.on ? 'Turn off notifications' : 'Turn on notifications';
+  s.textContent = state || (N.on ? 'Notifications on' : '');
+  s.classList.toggle('on', N.on);
+}
+
+function keyBytes(b64url) {
+  return Uint8Array.from(atob(b64url.replace(/-/g, '+').replace(/_/g, '/')), (c) => c.charCodeAt(0));
+}
+
+function sameBytes(a, b) {
+  if (!a || !b) return false;
+  const x = new Uint8Array(a);
+  const y = new Uint8Array(b);
+  return x.length === y.length && x.every((v, i) => v === y[i]);
+}
+
+// A promise that gives up after `ms`, rejecting with a TimeoutError.
+function within(ms, p) {
+  let t;
+  const late = new Promise((_, no) => { t = setTimeout(() => no(new DOMException('no answer', 'TimeoutError')), ms); });
+  return Promise.race([p, late]).finally(() => clearTimeout(t));
+}
+
+class NotifyError extends Error {}
+
+const PUSH_SERVICE = 'its push service, the service run by the browser’s maker that delivers notifications';
+
+// Words for what went wrong while subscribing.
+function subscribeWords(e) {
+  if (e && e.name === 'NotAllowedError') {
+    return 'This browser does not allow this site to send notifications. Allow them in the site settings (the icon next to the address), then try again.';
+  }
+  if (e && e.name === 'TimeoutError') {
+    return 'Notifications could not be turned on: this browser got no answer from ' + PUSH_SERVICE
+      + ', within 20 seconds. It may be out of reach from here: check the internet connection, or try again later.';
+  }
+  return 'Notifications could not be turned on: this browser could not reach ' + PUSH_SERVICE
+    + '. Check the internet connection, or try again later.'
+    + (e && e.message ? ' (The browser said: ' + sentence(e.message) + ')' : '');
+}
+
+async function notifyOn() {
+  const reg = await navigator.serviceWorker.register('/sw.js').catch((e) => {
+    throw new NotifyError('The browser refused to install the notification helper (service worker): ' + sentence(e.message));
+  });
+  renderNotify('Asking for permission…');
+  const perm = await Notification.requestPermission();
+  if (perm === 'denied') {
+    throw new NotifyError('This browser blocks notifications from this site. Allow them in the site settings (the icon next to the address), then press the button again.');
+  }
+  if (perm !== 'granted') throw new NotifyError('Notifications were not allowed. Press the button again and choose “Allow” when the browser asks.');
+  renderNotify('Turning notifications on…');
+  const { public_key } = await api('GET', '/v1/push/vapid');
+  const key = keyBytes(public_key);
+  await within(10000, navigator.serviceWorker.ready).catch(() => {
+    throw new NotifyError('The notification helper (service worker) did not start. Reload the page and try again.');
+  });
+  let sub = await reg.pushManager.getSubscription();
+  if (sub && !sameBytes(sub.options.applicationServerKey, key)) {
+    await sub.unsubscribe(); // made for a key the server no longer has
+    sub = null;
+  }
+  if (!sub) {
+    const asked = reg.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key });
+    try {
+      sub = await within(20000, asked);
+    } catch (e) {
+      // Told the person it failed: a subscription that comes after all is dropped.
+      asked.then((late) => late.unsubscribe(), () => null);
+      throw new NotifyError(subscribeWords(e));
+    }
+  }
+  let t;
+  try {
+    t = await api('POST', '/v1/push/targets', { kind: 'web_push', ...sub.toJSON() });
+  } catch (e) {
+    await sub.unsubscribe().catch(() => null);
+    throw e;
+  }
+  await setPushState({ user: me(), token: S.session.token, target: t.id, endpoint: t.endpoint });
+  N.on = true;
+}
+
+async function notifyOff() {
+  const st = await pushState();
+  if (st && st.target) {
+    try {
+      await api('DELETE', '/v1/push/targets/' + enc(st.target));
+    } catch (e) {
+      if (e.code !== 'unknown_push_target') throw e;
+    }
+  }
+  const reg = await navigator.serviceWorker.getRegistration('/');
+  const sub = reg && await reg.pushManager.getSubscription();
+  if (sub) await sub.unsubscribe();
+  await setPushState(null);
+  N.on = false;
+}
+
+$('notify-btn').addEventListener('click', async () => {
+  if (N.busy) return;
+  N.busy = true;
+  $('notify').setAttribute('aria-busy', 'true');
+  notifyError('');
+  const turningOn = !N.on;
+  try {
+    if (turningOn) await notifyOn(); else await notifyOff();
+  } catch (e) {
+    notifyError(e instanceof NotifyError || e instanceof ApiError
+      ? e.message
+      : (turningOn ? 'Notifications could not be turned on: ' : 'Notifications could not be turned off: ') + sentence(e && e.message));
+  } finally {
+    N.busy = false;
+    $('notify').setAttribute('aria-busy', 'false');
+    renderNotify();
+  }
+});
+
+// On start: notifications are on if this browser still holds the subscription this
+// user made. It is registered again (the server keeps one target per endpoint), which
+// also catches a subscription the browser renewed while no page was open.
+async function notifyStart() {
+  renderNotify();
+  loadPreviews();
+  if (!N.supported) return;
+  try {
+    const st = await pushState();
+    const reg = await navigator.serviceWorker.getRegistration('/');
+    const sub = reg && await reg.pushManager.getSubscription();
+    if (!st || st.user !== me() || !sub || Notification.permission !== 'granted') {
+      if (sub && (!st || st.user !== me())) await sub.unsubscribe(); // left by someone signed out
+      if (st && st.user === me() && st.target) api('DELETE', '/v1/push/targets/' + enc(st.target)).catch(() => null);
+      if (st) await setPushState(null);
+      N.on = false;
+    } else {
+      const t = await api('POST', '/v1/push/targets', { kind: 'web_push', ...sub.toJSON() });
+      if (st.target && st.target !== t.id) api('DELETE', '/v1/push/targets/' + enc(st.target)).catch(() => null);
+      await setPushState({ user: me(), token: S.session.token, target: t.id, endpoint: t.endpoint });
+      N.on = true;
+    }
+  } catch { /* shown as it was; the button still works */ }
+  renderNotify();
+}
+
+// Signing out: this browser's subscription goes (the server drops the device's
+// targets itself).
+function notifyForget() {
+  N.on = false;
+  N.started = false;
+  notifyError('');
+  if (!N.supported) return;
+  setPushState(null);
+  navigator.serviceWorker.getRegistration('/')
+    .then((reg) => reg && reg.pushManager.getSubscription())
+    .then((sub) => sub && sub.unsubscribe())
+    .catch(() => null);
+}
+
+async function loadPreviews() {
+  try {
+    const s = await api('GET', '/v1/push/settings');
+    $('notify-previews').checked = !!s.previews;
+  } catch { /* stays as shown */ }
+}
+
+$('notify-previews').addEventListener('change', async (e) => {
+  const box = e.target;
+  notifyError('');
+  try {
+    const s = await api('PUT', '/v1/push/settings', { previews: box.checked });
+    box.checked = !!s.previews;
+  } catch (err) {
+    box.checked = !box.checked;
+    notifyError('The setting was not saved: ' + err.message);
+  }
+});
+
+// A notification was clicked (see sw.js): open its conversation.
+async function openFromNotice(channel, user) {
+  if (!channel || !S.session || (user && user !== me())) return;
+  if (!S.channels.has(channel) || !S.channels.get(channel).summary) await fetchChannel(channel);
+  if (S.channels.has(channel)) openConversation(channel);
+}
+
+function openFromHash() {
+  const m = /^#channel=(.+)$/.exec(location.hash);
+  if (!m) return;
+  history.replaceState(null, '', location.pathname + location.search);
+  let id = '';
+  try { id = decodeURIComponent(m[1]); } catch { return; }
+  openFromNotice(id);
+}
+
+window.addEventListener('hashchange', () => { if (S.session && S.server) openFromHash(); });
+if ('serviceWorker' in navigator) {
+  navigator.serviceWorker.addEventListener('message', (e) => {
+    if (e.data && e.data.type === 'open') openFromNotice(e.data.channel, e.data.user);
+  });
+  navigator.serviceWorker.startMessages();
+}
+
 // ---------------------------------------------------------------- sign-in and start-up
 
 function show(view) {
@@ -1212,6 +1465,7 @@ function signedOut(message) {
   W.state = 'offline';
   document.body.dataset.conn = 'offline';
   $('banner').hidden = true;
+  notifyForget();
   show('auth');
   authError(message);
   $('auth-user').focus();
@@ -1224,6 +1478,7 @@ async function start(again) {
     $('new-direct-btn').focus();
   }
   $('me-name').textContent = who(S.session.user) || S.session.user;
+  renderNotify();
   try {
     const info = await api('GET', '/v1/me');
     S.server = info.server;
@@ -1235,6 +1490,10 @@ async function start(again) {
     setConn('offline', e.message);
   }
   renderList();
+  if (S.server) {
+    openFromHash();
+    if (!N.started) { N.started = true; notifyStart(); }
+  }
   if (again) return;
   renderConversation();
   W.attempt = 0;
