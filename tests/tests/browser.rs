@@ -81,23 +81,30 @@ impl Driver {
 
     /// A new browser session with a fresh profile: a new device.
     async fn browser(&self, who: &str) -> Browser {
+        self.browser_with(who, &[]).await
+    }
+
+    /// [`Driver::browser`] with more Chromium switches.
+    async fn browser_with(&self, who: &str, extra_args: &[&str]) -> Browser {
         let profile = tempfile::tempdir().expect("profile folder");
+        let mut args = vec![
+            "--headless".to_string(),
+            "--no-sandbox".to_string(),
+            "--disable-gpu".to_string(),
+            "--disable-quic".to_string(),
+            "--no-first-run".to_string(),
+            "--disable-background-networking".to_string(),
+            "--disable-component-update".to_string(),
+            "--disable-sync".to_string(),
+            "--window-size=1100,800".to_string(),
+            format!("--user-data-dir={}", profile.path().display()),
+        ];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
         let caps = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
-                "args": [
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--window-size=1100,800",
-                    format!("--user-data-dir={}", profile.path().display()),
-                ],
+                "args": args,
             },
         });
         let caps = caps.as_object().cloned().expect("an object");
@@ -1143,6 +1150,507 @@ async fn bench_open_conversation_with_10000_messages() {
          then median {:.1} ms, worst {:.1} ms (target: 300 ms)",
         rest[rest.len() / 2],
         rest[rest.len() - 1]
+    );
+    page.close().await;
+}
+
+// ------------------------------------------------------------------ notifications
+//
+// Chromium is driven through the DevTools protocol (CDP) where WebDriver has no
+// command: chromedriver forwards single commands (`goog/cdp/execute`), and for events
+// (the service worker's registration id) the test opens its own DevTools connection
+// to the page, at the `debuggerAddress` chromedriver reports.
+
+/// One CDP command through chromedriver: `POST /session/{id}/goog/cdp/execute`.
+#[derive(Debug)]
+struct Cdp {
+    cmd: &'static str,
+    params: Value,
+}
+
+impl fantoccini::wd::WebDriverCompatibleCommand for Cdp {
+    fn endpoint(
+        &self,
+        base_url: &reqwest::Url,
+        session_id: Option<&str>,
+    ) -> Result<reqwest::Url, <reqwest::Url as std::str::FromStr>::Err> {
+        base_url.join(&format!(
+            "session/{}/goog/cdp/execute",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _url: &reqwest::Url) -> (axum::http::Method, Option<String>) {
+        let body = json!({"cmd": self.cmd, "params": self.params});
+        (axum::http::Method::POST, Some(body.to_string()))
+    }
+}
+
+/// A DevTools connection of our own to the page the browser session shows.
+struct DevTools {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    /// Events read while waiting for answers, oldest first.
+    events: Vec<Value>,
+}
+
+impl DevTools {
+    async fn open(page: &Browser) -> DevTools {
+        let caps = page.c.capabilities().expect("the session's capabilities");
+        let addr = caps["goog:chromeOptions"]["debuggerAddress"]
+            .as_str()
+            .unwrap_or_else(|| panic!("chromedriver reported no debuggerAddress: {caps:?}"))
+            .to_string();
+        let targets: Value = reqwest::get(format!("http://{addr}/json/list"))
+            .await
+            .expect("DevTools target list")
+            .json()
+            .await
+            .expect("DevTools target list as JSON");
+        let url = targets
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|t| t["type"] == "page")
+            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
+            .unwrap_or_else(|| panic!("no page among the DevTools targets: {targets:#}"))
+            .to_string();
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap_or_else(|e| panic!("DevTools connection to {url}: {e}"));
+        DevTools {
+            ws,
+            next_id: 1,
+            events: Vec::new(),
+        }
+    }
+
+    /// Sends a command and waits for its answer (`Err` with the error object if refused).
+    async fn call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
+        use futures_util::{SinkExt, StreamExt};
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = json!({"id": id, "method": method, "params": params}).to_string();
+        self.ws
+            .send(tokio_tungstenite::tungstenite::Message::text(msg))
+            .await
+            .expect("send to DevTools");
+        let deadline = Instant::now() + UI_WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline.into(), self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("DevTools did not answer {method} within {UI_WAIT:?}"))
+                .expect("DevTools connection open")
+                .expect("DevTools message");
+            let Ok(text) = next.to_text() else { continue };
+            let v: Value = serde_json::from_str(text).expect("DevTools speaks JSON");
+            if v["id"] == json!(id) {
+                return match v.get("error") {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(v["result"].clone()),
+                };
+            }
+            if v.get("method").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    /// Waits for an event `method` whose params satisfy `pick`.
+    async fn event<T>(&mut self, method: &str, mut pick: impl FnMut(&Value) -> Option<T>) -> T {
+        use futures_util::StreamExt;
+        let found = |events: &mut Vec<Value>, pick: &mut dyn FnMut(&Value) -> Option<T>| {
+            let mut out = None;
+            events.retain(|e| {
+                if out.is_none()
+                    && e["method"] == method
+                    && let Some(t) = pick(&e["params"])
+                {
+                    out = Some(t);
+                    return false;
+                }
+                true
+            });
+            out
+        };
+        let deadline = Instant::now() + UI_WAIT;
+        loop {
+            if let Some(t) = found(&mut self.events, &mut pick) {
+                return t;
+            }
+            let next = tokio::time::timeout_at(deadline.into(), self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("no DevTools event {method} within {UI_WAIT:?}"))
+                .expect("DevTools connection open")
+                .expect("DevTools message");
+            if let Ok(text) = next.to_text() {
+                let v: Value = serde_json::from_str(text).expect("DevTools speaks JSON");
+                if v.get("method").is_some() {
+                    self.events.push(v);
+                }
+            }
+        }
+    }
+}
+
+impl Browser {
+    async fn cdp(&self, cmd: &'static str, params: Value) -> Value {
+        self.c
+            .issue_cmd(Cdp { cmd, params })
+            .await
+            .unwrap_or_else(|e| panic!("[{}] CDP {cmd}: {e}", self.who))
+    }
+
+    /// Lets `origin` show notifications without asking (as if the person had allowed it).
+    async fn allow_notifications(&self, origin: &str) {
+        self.cdp(
+            "Browser.grantPermissions",
+            json!({"origin": origin, "permissions": ["notifications"]}),
+        )
+        .await;
+    }
+}
+
+/// What the notification section says, in the person's words.
+const PUSH_OUT_OF_REACH: &str = "this browser got no answer from its push service";
+
+impl Browser {
+    /// The page's service worker registration: `{scope, script, state}` or null.
+    async fn worker(&self) -> Value {
+        self.js(
+            "return navigator.serviceWorker.getRegistration('/').then(r => r && \
+               {scope: r.scope, script: (r.active || r.waiting || r.installing || {}).scriptURL, \
+                state: r.active ? r.active.state : 'not active'})",
+            vec![],
+        )
+        .await
+    }
+
+    /// The notifications the service worker shows: `[{title, body, tag}]`.
+    async fn notifications(&self) -> Value {
+        self.js(
+            "return navigator.serviceWorker.getRegistration('/').then(r => r ? r.getNotifications() : []) \
+               .then(ns => ns.map(n => ({title: n.title, body: n.body, tag: n.tag})))",
+            vec![],
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn notifications_are_offered_and_a_push_service_out_of_reach_is_told_in_words() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let node = TestNode::start().await;
+    let alice = node.user("alice").await;
+    let driver = Driver::start().await;
+    let page = driver.browser("alice").await;
+    page.login(&node.url(), "alice").await;
+
+    // Offered, labelled, and nothing done on load: no service worker yet.
+    page.wait_text("#notify-btn", "Turn on notifications").await;
+    assert_eq!(
+        page.js(
+            "return document.getElementById('notify').getAttribute('aria-labelledby') \
+               && document.getElementById('notify-title').textContent",
+            vec![]
+        )
+        .await,
+        json!("Notifications")
+    );
+    assert_eq!(
+        page.worker().await,
+        Value::Null,
+        "no service worker on load"
+    );
+
+    // Blocked by the person: said so, with what to do.
+    page.cdp(
+        "Browser.setPermission",
+        json!({"origin": node.url(), "permission": {"name": "notifications"}, "setting": "denied"}),
+    )
+    .await;
+    page.click("#notify-btn").await;
+    page.wait_text(
+        "#notify-error",
+        "This browser blocks notifications from this site",
+    )
+    .await;
+    assert_eq!(page.focused().await, "notify-btn", "the focus stays put");
+
+    // Allowed: the service worker is registered, then the browser's push service
+    // (run by its maker, on the internet) cannot be reached from this machine. The
+    // page says so in words instead of failing silently; keyboard only.
+    page.allow_notifications(&node.url()).await;
+    page.keys(&Key::Enter.to_string()).await;
+    page.wait_text("#notify-state", "Turning notifications on")
+        .await;
+    assert!(
+        page.find("#notify-error").await.is_displayed().await.ok() == Some(false),
+        "the old error goes while trying again"
+    );
+    page.wait_text("#notify-error", PUSH_OUT_OF_REACH).await;
+    let error = page
+        .js(
+            "return document.getElementById('notify-error').textContent",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        error,
+        json!(
+            "Notifications could not be turned on: this browser got no answer from its push \
+             service, the service run by the browser’s maker that delivers notifications, within \
+             20 seconds. It may be out of reach from here: check the internet connection, or try \
+             again later."
+        )
+    );
+    assert_eq!(
+        page.js(
+            "return document.getElementById('notify-error').getAttribute('role')",
+            vec![]
+        )
+        .await,
+        json!("alert"),
+        "read out when it appears"
+    );
+    let worker = page.worker().await;
+    assert_eq!(
+        worker["scope"],
+        json!(format!("{}/", node.url())),
+        "{worker}"
+    );
+    assert_eq!(
+        worker["script"],
+        json!(format!("{}/sw.js", node.url())),
+        "{worker}"
+    );
+    assert_eq!(worker["state"], json!("activated"), "{worker}");
+    // Still off, and ready to try again; nothing registered with the server.
+    page.wait_text("#notify-btn", "Turn on notifications").await;
+    assert_eq!(page.focused().await, "notify-btn");
+    assert!(
+        alice
+            .api
+            .push_targets()
+            .await
+            .expect("targets")
+            .targets
+            .is_empty(),
+        "no target without a subscription"
+    );
+    page.screenshot("notifications-unreachable.png").await;
+    page.close().await;
+}
+
+#[tokio::test]
+async fn a_push_reaches_the_service_worker_and_shows_a_notification() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let node = TestNode::start().await;
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let channel = direct_channel(&bob, "alice").await;
+    let driver = Driver::start().await;
+    let page = driver.browser("alice").await;
+    page.login(&node.url(), "alice").await;
+    page.allow_notifications(&node.url()).await;
+
+    // The service worker comes with the click; the id Chromium gives its registration
+    // is only told in a DevTools event.
+    let mut devtools = DevTools::open(&page).await;
+    devtools
+        .call("ServiceWorker.enable", json!({}))
+        .await
+        .expect("ServiceWorker.enable");
+    page.click("#notify-btn").await;
+    let scope = format!("{}/", node.url());
+    let registration = devtools
+        .event("ServiceWorker.workerRegistrationUpdated", |p| {
+            p["registrations"]
+                .as_array()?
+                .iter()
+                .find(|r| r["scopeURL"] == json!(scope) && r["isDeleted"] == json!(false))
+                .map(|r| r["registrationId"].clone())
+        })
+        .await;
+    page.wait_until(
+        "the service worker is active",
+        "return navigator.serviceWorker.ready.then(r => r.active.state === 'activated')",
+        vec![],
+    )
+    .await;
+
+    // What the node sends (section 14), as the browser hands it to the worker once
+    // decrypted. Chromium's `getNotifications()` forgets a notification it reads in
+    // the instant between the worker storing it and the screen showing it (it drops
+    // stored notifications not on screen), so the page only looks after the worker
+    // has had a second; should a look still collide, the same push goes again.
+    let push = |count: u64, body: Option<&str>| hearth_client_api::http::PushNotification {
+        v: 1,
+        user: alice.id.clone(),
+        channel: channel.clone(),
+        sender: bob.id.clone(),
+        count,
+        ts: 1_795_907_070_204,
+        body: body.map(str::to_string),
+    };
+    let shows = |want: Value| {
+        let page = &page;
+        async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                if page.notifications().await == want {
+                    return true;
+                }
+            }
+            false
+        }
+    };
+    let mut deliver_until_shown = async |n: hearth_client_api::http::PushNotification,
+                                         want: Value| {
+        for attempt in 0..3 {
+            if attempt > 0 {
+                eprintln!("push not shown within 5 s: delivering it again");
+            }
+            let params = json!({
+                "origin": node.url(),
+                "registrationId": registration,
+                "data": serde_json::to_string(&n).expect("JSON"),
+            });
+            devtools
+                .call("ServiceWorker.deliverPushMessage", params)
+                .await
+                .expect("a push message for the worker");
+            if shows(want.clone()).await {
+                return;
+            }
+        }
+        panic!(
+            "pushed {n:?} three times: shown is {}, not {want}",
+            page.notifications().await
+        );
+    };
+
+    // No previews: who and how many, one notification per conversation.
+    deliver_until_shown(
+        push(2, None),
+        json!([{"title": "bob@localhost", "body": "2 new messages", "tag": channel}]),
+    )
+    .await;
+    // With previews on, the next one carries the text and replaces the first.
+    deliver_until_shown(
+        push(1, Some("See you at noon?")),
+        json!([{"title": "bob@localhost", "body": "See you at noon?", "tag": channel}]),
+    )
+    .await;
+
+    // A click on it opens /#channel=<id> when no page is open (headless Chromium
+    // cannot click a notification; the page's side of it is tested here).
+    let url = format!("{}/#channel={}", node.url(), channel.replace('@', "%40"));
+    page.c
+        .goto(&url)
+        .await
+        .expect("open the notification's link");
+    page.wait_title("bob").await;
+    page.wait_until(
+        "the address loses its fragment",
+        "return location.hash === ''",
+        vec![],
+    )
+    .await;
+    // The same from a page loaded afresh.
+    page.c.goto("about:blank").await.expect("leave");
+    page.c
+        .goto(&url)
+        .await
+        .expect("open the notification's link");
+    page.wait_title("bob").await;
+    page.close().await;
+}
+
+#[tokio::test]
+async fn the_message_text_setting_round_trips_through_the_server() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let node = TestNode::start().await;
+    let alice = node.user("alice").await;
+    let driver = Driver::start().await;
+    let page = driver.browser("alice").await;
+    page.login(&node.url(), "alice").await;
+    page.wait_text("#notify-btn", "Turn on notifications").await;
+    assert_eq!(
+        page.js(
+            "const b = document.getElementById('notify-previews'); \
+             return [b.checked, b.labels[0].textContent.trim(), \
+                     document.getElementById(b.getAttribute('aria-describedby')).textContent.replace(/\\s+/g, ' ')]",
+            vec![]
+        )
+        .await,
+        json!([
+            false,
+            "Show message text in notifications",
+            "For all your devices. When off, a notification says only who wrote and how many messages."
+        ])
+    );
+
+    // Keyboard only: from "New chat", Tab to the button and the box, Space ticks it.
+    assert_eq!(page.focused().await, "new-direct-btn");
+    page.keys(&Key::Tab.to_string()).await;
+    page.keys(&Key::Tab.to_string()).await;
+    assert_eq!(page.focused().await, "notify-btn");
+    page.keys(&Key::Tab.to_string()).await;
+    assert_eq!(page.focused().await, "notify-previews");
+    page.keys(" ").await;
+    hearth_tests::eventually("previews are on at the server", || async {
+        alice.api.push_settings().await.expect("settings").previews
+    })
+    .await;
+
+    // A new page load shows what the server has.
+    page.c.refresh().await.expect("reload");
+    page.wait_online().await;
+    page.wait_until(
+        "the box is ticked",
+        "return document.getElementById('notify-previews').checked",
+        vec![],
+    )
+    .await;
+    page.click("#notify-previews").await;
+    hearth_tests::eventually("previews are off at the server", || async {
+        !alice.api.push_settings().await.expect("settings").previews
+    })
+    .await;
+    page.close().await;
+}
+
+#[tokio::test]
+async fn a_page_that_is_not_a_secure_context_says_notifications_are_unavailable() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let node = TestNode::start().await;
+    let driver = Driver::start().await;
+    // http to a name other than localhost is not a secure context: no service workers.
+    let page = driver
+        .browser_with(
+            "alice over plain http",
+            &["--host-resolver-rules=MAP hearth.test 127.0.0.1"],
+        )
+        .await;
+    let url = format!("http://hearth.test:{}", node.addr.port());
+    page.register(&url, "alice").await;
+    page.wait_text("#notify-state", "Notifications are not available here.")
+        .await;
+    assert_eq!(
+        page.js(
+            "const s = document.getElementById('notify-state'); \
+             return [window.isSecureContext, document.getElementById('notify-btn').hidden, \
+                     s.getAttribute('aria-description'), s.title === s.getAttribute('aria-description')]",
+            vec![]
+        )
+        .await,
+        json!([
+            false,
+            true,
+            "Notifications need a secure connection: open this page over https.",
+            true
+        ])
     );
     page.close().await;
 }
