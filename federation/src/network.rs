@@ -573,10 +573,13 @@ impl EventLoop {
                 result: kad::QueryResult::GetRecord(result),
                 ..
             })) => {
+                // The first record found answers; a query that ends without one
+                // answers "not found" (a waiting caller must always hear back).
                 let answer = match result {
                     Ok(kad::GetRecordOk::FoundRecord(found)) => Ok(found.record.value),
-                    Ok(_) => return,
-                    Err(_) => Err(NetworkError::NotFound),
+                    Ok(kad::GetRecordOk::FinishedWithNoAdditionalRecord { .. }) | Err(_) => {
+                        Err(NetworkError::NotFound)
+                    }
                 };
                 if let Some(reply) = self.pending_records.remove(&id) {
                     let _ = reply.send(answer);

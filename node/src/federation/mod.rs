@@ -54,6 +54,8 @@ const DESCRIPTOR_LIFETIME_MS: u64 = 24 * 3600 * 1000;
 /// Largest event accepted from another server (JSON bytes); bodies are further held
 /// to this node's `max_body_bytes`.
 const MAX_EVENT_BYTES: usize = 32 * 1024;
+/// How long a DHT look-up of an unknown server may take.
+const DHT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// DHT key prefix of server descriptors.
 const DESCRIPTOR_KEY: &str = "/hearth/server/";
 
@@ -356,7 +358,12 @@ impl Federation {
             return Some(e);
         }
         let key = format!("{DESCRIPTOR_KEY}{name}").into_bytes();
-        let record = self.shared.network.get_record(key).await.ok()?;
+        // Bounded: an outbox worker waiting here cannot hear that the server has just
+        // introduced itself.
+        let record = tokio::time::timeout(DHT_LOOKUP_TIMEOUT, self.shared.network.get_record(key))
+            .await
+            .ok()?
+            .ok()?;
         let json = String::from_utf8(record).ok()?;
         match self.shared.directory.learn(&json, wall_ms()) {
             Ok((found, entry)) if found == name => {
