@@ -189,6 +189,9 @@ pub struct Shared {
     pub delivered: AtomicU64,
     /// Sessions that ended before the run did.
     pub closed: AtomicU64,
+    /// Written into every body of this load, so messages of an earlier load on the
+    /// same node are told apart.
+    pub tag: String,
 }
 
 impl Shared {
@@ -201,6 +204,7 @@ impl Shared {
             errors: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             closed: AtomicU64::new(0),
+            tag: run_tag(),
         })
     }
 
@@ -270,6 +274,8 @@ pub struct PeerStats {
     pub duplicates: u64,
     /// Its own messages coming back to it.
     pub echoes: u64,
+    /// Messages of an earlier load (another tag) delivered during this one.
+    pub stale: u64,
     /// Send to delivery.
     pub delivery: Samples,
     /// `(sender, seq, latency us)` of each delivery, when asked for.
@@ -290,18 +296,19 @@ pub struct PeerStats {
     pub send_times: Vec<(u64, u64)>,
 }
 
-/// The header of a body: `(sender, seq, send time us)`.
-fn parse_body(body: &str) -> Option<(u32, u64, u64)> {
-    let mut parts = body.splitn(4, ':');
+/// The header of a body: `(load tag, sender, seq, send time us)`.
+fn parse_body(body: &str) -> Option<(&str, u32, u64, u64)> {
+    let mut parts = body.splitn(5, ':');
     Some((
+        parts.next()?,
         parts.next()?.parse().ok()?,
         parts.next()?.parse().ok()?,
         parts.next()?.parse().ok()?,
     ))
 }
 
-fn make_body(index: u32, seq: u64, t_us: u64, size: usize) -> String {
-    let mut body = format!("{index}:{seq}:{t_us}:");
+fn make_body(tag: &str, index: u32, seq: u64, t_us: u64, size: usize) -> String {
+    let mut body = format!("{tag}:{index}:{seq}:{t_us}:");
     if body.len() < size {
         body.extend(std::iter::repeat_n('x', size - body.len()));
     }
@@ -329,9 +336,14 @@ impl Peer {
         let EventContent::Message { body } = &event.content else {
             return;
         };
-        let Some((sender, seq, t_us)) = parse_body(body) else {
+        let Some((tag, sender, seq, t_us)) = parse_body(body) else {
             return;
         };
+        if tag != self.shared.tag {
+            // A message of an earlier load on the same node, arriving now.
+            self.stats.stale += 1;
+            return;
+        }
         if sender == self.plan.index {
             self.stats.echoes += 1;
             return;
@@ -404,7 +416,13 @@ impl Peer {
         let seq = self.next_seq;
         self.next_seq += 1;
         let now = since_us(self.shared.start);
-        let body = make_body(self.plan.index, seq, now, self.plan.body_bytes);
+        let body = make_body(
+            &self.shared.tag,
+            self.plan.index,
+            seq,
+            now,
+            self.plan.body_bytes,
+        );
         self.pending.insert(seq, now);
         if self.plan.keep_deliveries {
             self.stats.send_times.push((seq, now));
@@ -503,6 +521,11 @@ pub async fn run_peer(
     if peer.stats.closed.is_some() {
         Shared::add(&peer.shared.closed);
     } else {
+        // Acknowledge what arrived, as a client does before it goes: a later load
+        // on the same devices must not get it again as backlog.
+        if peer.last_pos > peer.acked_pos {
+            let _ = tx.ack_cursor(peer.last_pos).await;
+        }
         let _ = tx.close().await;
     }
     peer.stats.index = peer.plan.index;
@@ -525,6 +548,8 @@ pub struct Merged {
     pub delivered: u64,
     /// Sum of duplicates.
     pub duplicates: u64,
+    /// Sum of deliveries of earlier loads' messages.
+    pub stale: u64,
     /// All delivery latencies.
     pub delivery: Samples,
     /// Sends per bucket.
@@ -553,6 +578,7 @@ impl Merged {
             m.ack.extend(&s.ack);
             m.delivered += s.delivered;
             m.duplicates += s.duplicates;
+            m.stale += s.stale;
             m.delivery.extend(&s.delivery);
             m.sent_timeline.merge(&s.sent_timeline);
             m.delivered_timeline.merge(&s.delivered_timeline);
@@ -662,10 +688,10 @@ mod tests {
 
     #[test]
     fn bodies_carry_their_header() {
-        let b = make_body(7, 42, 123_456, 64);
+        let b = make_body("ab12", 7, 42, 123_456, 64);
         assert_eq!(b.len(), 64);
-        assert_eq!(parse_body(&b), Some((7, 42, 123_456)));
-        assert_eq!(parse_body("7:1:2:"), Some((7, 1, 2)));
+        assert_eq!(parse_body(&b), Some(("ab12", 7, 42, 123_456)));
+        assert_eq!(parse_body("t:7:1:2:"), Some(("t", 7, 1, 2)));
         assert_eq!(parse_body("hello"), None);
     }
 }

@@ -53,7 +53,7 @@ async fn catch_up(ws: &str, token: &str, k: u64) -> Result<(Duration, Duration, 
         };
         for e in events {
             if let EventContent::Message { body } = &e.content {
-                seen.insert(body.split(':').take(2).collect::<Vec<_>>().join(":"));
+                seen.insert(body.split(':').take(3).collect::<Vec<_>>().join(":"));
             }
         }
     }

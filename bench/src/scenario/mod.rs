@@ -43,6 +43,12 @@ pub(crate) fn counts(
     if missing > 0 {
         report.figure("deliveries missing", missing.to_string());
     }
+    if m.stale > 0 {
+        report.figure(
+            "deliveries of an earlier phase's messages",
+            m.stale.to_string(),
+        );
+    }
     if m.delivered_unacked > 0 {
         report.figure(
             "delivered but never acknowledged",
@@ -78,8 +84,10 @@ pub(crate) fn counts(
         "lost": lost,
         "missing_deliveries": missing,
         "delivered_unacked": m.delivered_unacked,
+        "stale_deliveries": m.stale,
         "missing_deliveries": missing,
         "delivered_unacked": m.delivered_unacked,
+        "stale_deliveries": m.stale,
         "duplicates": m.duplicates,
         "unanswered": unanswered,
         "sessions_ended_early": m.closed,
