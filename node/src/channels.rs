@@ -172,6 +172,37 @@ struct ChannelState {
     members: BTreeMap<String, MemberRecord>,
     member_changes: Vec<(String, Option<MemberRecord>)>,
     changed: bool,
+    /// The membership version stored before this write.
+    stored_version: u64,
+    /// The other servers that took part before this write (with a member then).
+    stored_servers: BTreeSet<String>,
+}
+
+impl ChannelState {
+    /// The state of `channel` as stored.
+    fn load(store: &Store, channel: &str, here: &str) -> ApiResult<Self> {
+        let rec = store.channel(channel)?;
+        let mut state = ChannelState {
+            stored_version: rec.as_ref().map_or(0, |r| r.version),
+            rec,
+            members: store.members(channel)?.into_iter().collect(),
+            member_changes: Vec::new(),
+            changed: false,
+            stored_servers: BTreeSet::new(),
+        };
+        state.stored_servers = state.servers_other_than(here);
+        Ok(state)
+    }
+
+    /// The servers of the members, other than `here`.
+    fn servers_other_than(&self, here: &str) -> BTreeSet<String> {
+        self.members
+            .keys()
+            .filter_map(|u| user_server(u))
+            .filter(|s| *s != here)
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 impl ChannelState {
@@ -286,7 +317,17 @@ struct Batch<'a> {
     states: HashMap<String, ChannelState>,
     writes: WriteSet,
     deliveries: Vec<Delivery>,
-    remote_servers: BTreeSet<String>,
+    /// Events made here in this write, in order, for the outboxes.
+    sent: Vec<Sent>,
+}
+
+/// An event made here and the other servers that hear of it for sure.
+struct Sent {
+    id: String,
+    channel: String,
+    membership: bool,
+    /// Servers with a member in the event's audience.
+    servers: BTreeSet<String>,
 }
 
 impl<'a> Batch<'a> {
@@ -296,7 +337,7 @@ impl<'a> Batch<'a> {
             states: HashMap::new(),
             writes: WriteSet::default(),
             deliveries: Vec::new(),
-            remote_servers: BTreeSet::new(),
+            sent: Vec::new(),
         }
     }
 
@@ -306,13 +347,7 @@ impl<'a> Batch<'a> {
 
     fn state(&mut self, channel: &str) -> ApiResult<&mut ChannelState> {
         if !self.states.contains_key(channel) {
-            let store = &self.channels.store;
-            let state = ChannelState {
-                rec: store.channel(channel)?,
-                members: store.members(channel)?.into_iter().collect(),
-                member_changes: Vec::new(),
-                changed: false,
-            };
+            let state = ChannelState::load(&self.channels.store, channel, self.server_name())?;
             self.states.insert(channel.to_string(), state);
         }
         self.states
@@ -477,10 +512,12 @@ impl<'a> Batch<'a> {
                 .filter(|s| *s != server)
                 .map(str::to_string)
                 .collect();
-            for s in servers {
-                self.writes.outbox.push((s.clone(), stored.id.clone()));
-                self.remote_servers.insert(s);
-            }
+            self.sent.push(Sent {
+                id: stored.id.clone(),
+                channel: e.channel.clone(),
+                membership: is_membership(stored),
+                servers,
+            });
         }
         if let (
             EventContent::Membership {
@@ -525,6 +562,8 @@ impl<'a> Batch<'a> {
             members: BTreeMap::new(),
             member_changes: Vec::new(),
             changed: false,
+            stored_version: 0,
+            stored_servers: BTreeSet::new(),
         };
         let mut log = self
             .channels
@@ -550,7 +589,8 @@ impl<'a> Batch<'a> {
     }
 
     /// Turns the batch into a write for [`Inboxes::write`].
-    fn finish<T>(mut self, reply: T) -> (Staged<T>, Vec<String>) {
+    fn finish<T>(mut self, reply: T) -> ApiResult<(Staged<T>, Vec<String>)> {
+        let remote_servers = self.queue_outboxes()?;
         for (id, state) in self.states {
             if !state.changed {
                 continue;
@@ -562,14 +602,63 @@ impl<'a> Batch<'a> {
                 self.writes.channels.push((id, rec));
             }
         }
-        (
+        Ok((
             Staged {
                 writes: self.writes,
                 deliveries: self.deliveries,
                 reply,
             },
-            self.remote_servers.into_iter().collect(),
-        )
+            remote_servers.into_iter().collect(),
+        ))
+    }
+
+    /// Puts the events made here into the outboxes of the servers that need them.
+    ///
+    /// A message goes to the servers in its audience. A membership event goes to the
+    /// servers of every member the channel has once this write is done, because a
+    /// server judges later events against the whole membership log: the `create` of
+    /// a channel comes before its remote members, yet they need it. A server that
+    /// takes part from this write on is first sent the log stored before it.
+    fn queue_outboxes(&mut self) -> ApiResult<BTreeSet<String>> {
+        let here = self.server_name().to_string();
+        let mut all = BTreeSet::new();
+        let mut final_servers: HashMap<&str, BTreeSet<String>> = HashMap::new();
+        for sent in &self.sent {
+            if final_servers.contains_key(sent.channel.as_str()) {
+                continue;
+            }
+            let Some(state) = self.states.get(&sent.channel) else {
+                continue;
+            };
+            let servers = state.servers_other_than(&here);
+            let newcomers: Vec<&String> = servers.difference(&state.stored_servers).collect();
+            if !newcomers.is_empty() && state.stored_version > 0 {
+                let log = self.channels.store.membership_log(
+                    &sent.channel,
+                    0,
+                    state.stored_version as usize,
+                )?;
+                for s in &newcomers {
+                    for earlier in &log {
+                        self.writes.outbox.push(((*s).clone(), earlier.id.clone()));
+                    }
+                }
+            }
+            final_servers.insert(sent.channel.as_str(), servers);
+        }
+        for sent in &self.sent {
+            let mut servers = sent.servers.clone();
+            if sent.membership
+                && let Some(members) = final_servers.get(sent.channel.as_str())
+            {
+                servers.extend(members.iter().cloned());
+            }
+            for s in servers {
+                self.writes.outbox.push((s.clone(), sent.id.clone()));
+                all.insert(s);
+            }
+        }
+        Ok(all)
     }
 }
 
@@ -637,7 +726,7 @@ impl Channels {
             .write(|positions| {
                 let mut batch = Batch::new(self);
                 let reply = build(&mut batch, positions)?;
-                let (staged, remote) = batch.finish(reply);
+                let (staged, remote) = batch.finish(reply)?;
                 servers = remote;
                 Ok(staged)
             })

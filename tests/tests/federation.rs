@@ -557,6 +557,43 @@ async fn members_on_other_servers_leave_and_are_added_through_the_home_server() 
 }
 
 #[tokio::test]
+async fn a_server_whose_first_user_joins_an_old_group_is_sent_its_history_of_membership() {
+    // Periodic catch-up is out of reach in tests (see `federated`), so c can only
+    // learn the group's earlier membership by having it pushed with the add.
+    let a = TestNode::server("a.test", &[]).await;
+    let a_addr = a.federation_addrs().await;
+    let b = TestNode::server("b.test", &a_addr).await;
+    let c = TestNode::server("c.test", &a_addr).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let carol = c.user("carol").await;
+    let group = alice
+        .api
+        .create_group("grows", &["bob@b.test".into()])
+        .await
+        .expect("group");
+    let mut al = alice.connect().await;
+    let mut bo = bob.connect().await;
+    al.send_in(&group.id, "before carol").await;
+    assert_eq!(bo.message().await.1, "before carol");
+
+    alice
+        .api
+        .add_member(&group.id, "carol@c.test")
+        .await
+        .expect("add carol");
+    let mut ca = carol.connect().await;
+    bo.send_in(&group.id, "hello carol").await;
+    assert_eq!(
+        ca.message().await,
+        ("bob@b.test".into(), "hello carol".into()),
+        "a message from the third server reaches the newcomer"
+    );
+    let members = carol.api.members(&group.id).await.expect("members on c");
+    assert_eq!(members.members.len(), 3);
+}
+
+#[tokio::test]
 async fn a_denied_server_is_refused_both_ways() {
     let a = TestNode::start_with(|c| {
         hearth_tests::federated(c, "a.test", vec![]);
