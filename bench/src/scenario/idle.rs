@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::cli::Env;
-use crate::load::{connect, register_many, run_tag};
+use crate::load::{Account, connect, register_many, run_tag};
 use crate::node::NodeProc;
 use crate::plot::Plot;
 use crate::report::Report;
@@ -37,6 +37,45 @@ pub struct Args {
     /// Seconds to hold every session open before measuring.
     #[arg(long, default_value_t = 5.0)]
     pub hold_secs: f64,
+    /// Reuse accounts between runs: read them from this file if it exists (a line of
+    /// `name user token` each), otherwise register them and write it. Reading needs
+    /// `--url` (the node whose store holds them); it lets two builds be compared on
+    /// one store without hashing every password again.
+    #[arg(long)]
+    pub accounts: Option<std::path::PathBuf>,
+}
+
+fn load_accounts(path: &std::path::Path, n: usize) -> Result<Vec<Account>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let accounts: Vec<Account> = text
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.split_whitespace();
+            Some(Account {
+                name: parts.next()?.to_string(),
+                user: parts.next()?.to_string(),
+                token: parts.next()?.to_string(),
+            })
+        })
+        .take(n)
+        .collect();
+    if accounts.len() < n {
+        bail!(
+            "{} holds {} accounts, not {n}",
+            path.display(),
+            accounts.len()
+        );
+    }
+    Ok(accounts)
+}
+
+fn save_accounts(path: &std::path::Path, accounts: &[Account]) -> Result<()> {
+    let text: String = accounts
+        .iter()
+        .map(|a| format!("{} {} {}\n", a.name, a.user, a.token))
+        .collect();
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Holds a session: heartbeats, reads (and drops) whatever comes, until told to stop.
@@ -76,14 +115,26 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
     let n = args.connections;
     let pb = env.bar(n as u64, "register");
     let reg_began = Instant::now();
-    let accounts = register_many(
-        &client,
-        &format!("i{}x", run_tag()),
-        n,
-        args.register_concurrency,
-        &pb,
-    )
-    .await?;
+    let reuse = args.accounts.as_deref().filter(|p| p.exists());
+    let accounts = if let Some(path) = reuse {
+        if subject.node.is_some() {
+            bail!("--accounts with an existing file needs --url: a fresh node does not know them");
+        }
+        load_accounts(path, n)?
+    } else {
+        let accounts = register_many(
+            &client,
+            &format!("i{}x", run_tag()),
+            n,
+            args.register_concurrency,
+            &pb,
+        )
+        .await?;
+        if let Some(path) = &args.accounts {
+            save_accounts(path, &accounts)?;
+        }
+        accounts
+    };
     let reg = reg_began.elapsed();
     pb.finish_and_clear();
     // Password hashing leaves the node's allocator holding memory that connections
@@ -178,11 +229,14 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
     );
     report.figure(
         "registrations",
-        format!(
-            "{:.1} s ({:.0}/s)",
-            reg.as_secs_f64(),
-            n as f64 / reg.as_secs_f64()
-        ),
+        match reuse {
+            Some(path) => format!("none: accounts read from {}", path.display()),
+            None => format!(
+                "{:.1} s ({:.0}/s)",
+                reg.as_secs_f64(),
+                n as f64 / reg.as_secs_f64()
+            ),
+        },
     );
     report.figure(
         "connect + authenticate",
