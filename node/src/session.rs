@@ -21,7 +21,7 @@ use crate::Services;
 use crate::accounts::DeviceAuth;
 use crate::channels::{Ack, Target};
 use crate::error::ApiError;
-use crate::hub::Outbound;
+use crate::hub::{Mailbox, Outbound, Wake};
 
 /// A frame from the client, as the transport saw it.
 #[derive(Debug)]
@@ -122,15 +122,24 @@ where
 }
 
 /// Runs a session to its end over `transport`.
-pub async fn run<T>(mut transport: T, svc: Arc<Services>)
+///
+/// Not an `async fn`: the future of one keeps its arguments twice (as captured and
+/// as moved into the body), and the transport is the largest thing a session holds
+/// for as long as the connection lives.
+#[allow(clippy::manual_async_fn)]
+pub fn run<T>(mut transport: T, svc: Arc<Services>) -> impl Future<Output = ()>
 where
     T: Stream<Item = WireIn> + Sink<WireOut> + Unpin,
 {
-    let Some(auth) = authenticate(&mut transport, &svc).await else {
-        return;
-    };
-    let end = serve(&mut transport, &svc, &auth).await;
-    finish(&mut transport, end).await;
+    async move {
+        // Boxed, like the other phases that come once: the session's future is as
+        // large as its largest state, so only the idle wait should be in it.
+        let Some(auth) = Box::pin(authenticate(&mut transport, &svc)).await else {
+            return;
+        };
+        let end = serve(&mut transport, &svc, &auth).await;
+        finish(&mut transport, end).await;
+    }
 }
 
 /// Waits for the `auth` frame; closes the connection and returns None if it does not come.
@@ -232,10 +241,10 @@ where
         Ok(c) => c,
         Err(_) => return End::Close(close::LOGGED_OUT, "logged out"),
     };
-    let mut attachment = svc.hub.attach(&auth.user, &auth.device);
+    let attachment = svc.hub.attach(&auth.user, &auth.device);
     // A logout between reading the cursor and attaching kicked nobody: check again.
     if svc.accounts.cursor(auth).is_err() {
-        attachment.detach();
+        attachment.detach(&auth.user);
         return End::Close(close::LOGGED_OUT, "logged out");
     }
     svc.presence.touch(&auth.user);
@@ -243,9 +252,9 @@ where
         svc.presence.announce(&auth.user);
     }
     info!(cursor, "session started");
-    let end = session_loop(t, svc, auth, cursor, &attachment.kick, &mut attachment.rx).await;
+    let end = session_loop(t, svc, auth, cursor, &attachment.mailbox).await;
     svc.presence.touch(&auth.user);
-    if attachment.detach() {
+    if attachment.detach(&auth.user) {
         svc.presence.announce(&auth.user);
     }
     info!("session ended");
@@ -257,23 +266,22 @@ async fn session_loop<T>(
     svc: &Services,
     auth: &DeviceAuth,
     cursor: u64,
-    kick: &crate::hub::Kick,
-    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
+    mailbox: &Mailbox,
 ) -> End
 where
     T: Stream<Item = WireIn> + Sink<WireOut> + Unpin,
 {
     let cfg = &svc.config;
     let heartbeat = Duration::from_secs(cfg.heartbeat_timeout_secs);
-    let ready = ServerFrame::Ready {
+    let ready = encode(&ServerFrame::Ready {
         v: PROTOCOL_VERSION,
         user: auth.user.clone(),
         device: auth.device.clone(),
         cursor,
         heartbeat_timeout_ms: heartbeat.as_millis() as u64,
         max_frame_bytes: cfg.max_frame_bytes,
-    };
-    if let Err(e) = write(t, WireOut::Text(encode(&ready))).await {
+    });
+    if let Err(e) = Box::pin(write(t, WireOut::Text(ready))).await {
         return e;
     }
     let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
@@ -283,25 +291,32 @@ where
     let mut shutdown = svc.shutdown.clone();
     let mut sent_upto = cursor;
     let mut backlog_done = false;
-    let mut sends: FuturesUnordered<PendingSend> = FuturesUnordered::new();
+    // Created with the first send and dropped when none wait: an empty
+    // FuturesUnordered still holds two allocations.
+    let mut sends: Option<FuturesUnordered<PendingSend>> = None;
     let mut deadline = Instant::now() + heartbeat;
     loop {
+        if sends.as_ref().is_some_and(FuturesUnordered::is_empty) {
+            sends = None;
+        }
         tokio::select! {
             biased;
             _ = shutdown.changed() => return End::Close(close::GOING_AWAY, "server shutting down"),
-            code = kick.kicked() => return End::Close(code, kick_reason(code)),
+            // Outgoing events first: a client that sends a lot must still receive its
+            // own and others' events, or its queue overflows while it is reading.
+            // Items wait until the backlog is sent; a kick is taken at any time.
+            wake = mailbox.wait(backlog_done) => match wake {
+                Wake::Kicked(code) => return End::Close(code, kick_reason(code)),
+                Wake::Items => {
+                    if let Err(e) = Box::pin(write_live(t, svc, mailbox, &mut sent_upto)).await {
+                        return e;
+                    }
+                }
+            },
             _ = sleep_until(deadline) => {
                 return End::Close(close::HEARTBEAT_TIMEOUT, "no heartbeat in time");
             }
-            // Outgoing events first: a client that sends a lot must still receive its
-            // own and others' events, or its queue overflows while it is reading.
-            item = rx.recv(), if backlog_done => {
-                let Some(item) = item else { return End::Gone };
-                if let Err(e) = write_live(t, svc, rx, item, &mut sent_upto).await {
-                    return e;
-                }
-            }
-            Some((key, result)) = sends.next(), if !sends.is_empty() => {
+            Some((key, result)) = next_send(&mut sends), if sends.is_some() => {
                 let frame = match result {
                     Ok(ack) => WireOut::Text(encode(&ServerFrame::Ack {
                         key,
@@ -311,7 +326,7 @@ where
                     })),
                     Err(err) => error_frame(err.code, err.message, Some(key)),
                 };
-                if let Err(e) = out(t, svc, frame).await {
+                if let Err(e) = Box::pin(out(t, svc, frame)).await {
                     return e;
                 }
             }
@@ -325,7 +340,7 @@ where
                     WireIn::TooBig => return End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
                     WireIn::Binary => {
                         let e = error_frame(ErrorCode::BadRequest, "binary frames are not part of the protocol", None);
-                        if let Err(e) = out(t, svc, e).await { return e; }
+                        if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
                         continue;
                     }
                 };
@@ -335,7 +350,7 @@ where
                         format!("the frame is {} bytes; at most {} are accepted", text.len(), cfg.max_frame_bytes),
                         None,
                     );
-                    if let Err(e) = out(t, svc, e).await { return e; }
+                    if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
                     continue;
                 }
                 if limiter.check().is_err() {
@@ -343,7 +358,7 @@ where
                         .ok()
                         .and_then(|v| v.get("key").and_then(|k| k.as_str()).map(str::to_string));
                     let e = error_frame(ErrorCode::RateLimited, "too many frames; slow down and resend", key);
-                    if let Err(e) = out(t, svc, e).await { return e; }
+                    if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
                     continue;
                 }
                 let reply = match parse(&text) {
@@ -372,7 +387,7 @@ where
                         };
                         match target {
                             Err(m) => Some(error_frame(ErrorCode::BadRequest, m, Some(key))),
-                            Ok(_) if sends.len() >= MAX_SENDS_IN_FLIGHT => Some(error_frame(
+                            Ok(_) if sends.as_ref().map_or(0, FuturesUnordered::len) >= MAX_SENDS_IN_FLIGHT => Some(error_frame(
                                 ErrorCode::RateLimited,
                                 "too many sends waiting for their acks; wait for some",
                                 Some(key),
@@ -380,7 +395,7 @@ where
                             Ok(target) => {
                                 let channels = svc.channels.clone();
                                 let auth = auth.clone();
-                                sends.push(Box::pin(async move {
+                                sends.get_or_insert_with(FuturesUnordered::new).push(Box::pin(async move {
                                     let res = channels.send(&auth, &key, target, &body).await;
                                     (key, res)
                                 }));
@@ -390,7 +405,7 @@ where
                     }
                 };
                 if let Some(reply) = reply
-                    && let Err(e) = out(t, svc, reply).await { return e; }
+                    && let Err(e) = Box::pin(out(t, svc, reply)).await { return e; }
             }
             _ = std::future::ready(()), if !backlog_done => {
                 match svc.inboxes.backlog(&auth.user, sent_upto, cfg.sync_batch) {
@@ -414,8 +429,8 @@ where
                             sent_upto = pos;
                         }
                         backlog_done = !more;
-                        let frame = ServerFrame::Sync { events, more };
-                        if let Err(e) = out(t, svc, WireOut::Text(encode(&frame))).await {
+                        let frame = encode(&ServerFrame::Sync { events, more });
+                        if let Err(e) = Box::pin(out(t, svc, WireOut::Text(frame))).await {
                             return e;
                         }
                     }
@@ -442,18 +457,22 @@ where
     write(t, frame).await
 }
 
-/// Writes a live item and whatever else is already queued, with one flush.
+/// The next finished send, if any are waiting (the select arm is off when none are).
+async fn next_send(sends: &mut Option<FuturesUnordered<PendingSend>>) -> Option<SendResult> {
+    sends.as_mut()?.next().await
+}
+
+/// Writes the queued items, up to a batch, with one flush.
 async fn write_live<T>(
     t: &mut T,
     svc: &Services,
-    rx: &mut tokio::sync::mpsc::Receiver<Outbound>,
-    first: Outbound,
+    mailbox: &Mailbox,
     sent_upto: &mut u64,
 ) -> Result<(), End>
 where
     T: Sink<WireOut> + Unpin,
 {
-    let mut item = Some(first);
+    let mut item = mailbox.pop();
     let mut written = 0;
     let mut accepted = Vec::new();
     while let Some(next) = item.take() {
@@ -482,7 +501,7 @@ where
             }
         }
         if written < WRITE_BATCH {
-            item = rx.try_recv().ok();
+            item = mailbox.pop();
         }
     }
     match timeout(WRITE_TIMEOUT, t.flush()).await {

@@ -10,19 +10,26 @@ use futures_util::{SinkExt, StreamExt, future};
 use crate::Services;
 use crate::session::{self, WireIn, WireOut};
 
-/// Read and write buffers per connection. tungstenite's defaults (128 KiB each)
-/// would dominate a connection's memory; frames are small.
-const BUFFER_BYTES: usize = 4 * 1024;
+/// tungstenite's read buffer: allocated whole for every connection, and also the
+/// most one socket read takes. An idle connection's largest single allocation, so
+/// it is small: client frames (heartbeats, cursors, sends of a chat message) fit
+/// in one read; a larger frame grows the buffer to its size (and keeps it) and is
+/// read in steps of this size.
+const READ_BUFFER_BYTES: usize = 512;
+/// Bytes tungstenite gathers before writing to the socket. Not allocated up front;
+/// it bounds how far the write buffer grows during a burst of small frames, which
+/// it then keeps (tungstenite never shrinks it).
+const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 
 pub(super) async fn upgrade(State(svc): State<Arc<Services>>, ws: WebSocketUpgrade) -> Response {
     // Frames up to max_frame_bytes get a polite error; twice that is the hard cap
     // where the transport gives up on the connection.
     let cap = svc.config.max_frame_bytes.saturating_mul(2);
-    ws.read_buffer_size(BUFFER_BYTES)
-        .write_buffer_size(BUFFER_BYTES)
+    ws.read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         // Room for one whole frame beyond the write buffer; frames are at most about
         // max_frame_bytes (sync batches are cut to fit).
-        .max_write_buffer_size(cap.saturating_mul(2).max(BUFFER_BYTES * 2))
+        .max_write_buffer_size(cap.saturating_mul(2).max(WRITE_BUFFER_BYTES * 2))
         .max_message_size(cap)
         .max_frame_size(cap)
         .on_upgrade(move |socket| session::run(transport(socket), svc))
