@@ -116,6 +116,29 @@ fn benches(c: &mut Criterion) {
             )
         },
     );
+    c.bench_function(
+        "store/append 100 messages as one write set + one flush (merged group commit)",
+        |b| {
+            b.iter_batched(
+                || {
+                    let mut merged = WriteSet::default();
+                    for _ in 0..100 {
+                        let w = take();
+                        merged.events.extend(w.events);
+                        merged.inbox.extend(w.inbox);
+                        merged.acks.extend(w.acks);
+                        merged.stream_pos = w.stream_pos;
+                    }
+                    merged
+                },
+                |w| {
+                    store.apply(black_box(&w)).expect("applies");
+                    runtime.block_on(store.flush()).expect("flushes");
+                },
+                BatchSize::SmallInput,
+            )
+        },
+    );
     // A backlog page as a reconnecting device reads it.
     for _ in 0..600 {
         store.apply(&take()).expect("applies");

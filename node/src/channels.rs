@@ -7,7 +7,7 @@
 //! so every server ends with the same membership.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::store::{
     AckRecord, ChannelPos, ChannelRecord, MemberRecord, Store, StoredEvent, WriteSet,
 };
-use crate::sync::{Delivery, Inboxes, Positions, Staged};
+use crate::sync::{Delivery, Inboxes, Positions, Staged, WriteTicket};
 
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +105,27 @@ pub struct Channels {
     metrics: Metrics,
     key: ServerKey,
     remote: Arc<OnceLock<Arc<dyn Remote>>>,
+    sends: Arc<Mutex<SendQueue>>,
+}
+
+/// Messages waiting to be stored together in one write.
+///
+/// A send is the node's hottest write, and one store transaction per message costs
+/// several times what one transaction for a whole group of them does. So sends queue
+/// here, and one drainer at a time stages everything queued in one [`Batch`]; what
+/// arrives meanwhile waits for the next round.
+#[derive(Default)]
+struct SendQueue {
+    waiting: Vec<QueuedSend>,
+    draining: bool,
+}
+
+struct QueuedSend {
+    sender: String,
+    key: String,
+    target: Target,
+    body: String,
+    reply: tokio::sync::oneshot::Sender<ApiResult<(WriteTicket, Ack)>>,
 }
 
 const MAX_KEY_CHARS: usize = 64;
@@ -682,6 +703,7 @@ impl Channels {
             metrics,
             key,
             remote: Arc::new(OnceLock::new()),
+            sends: Arc::default(),
         }
     }
 
@@ -836,49 +858,145 @@ impl Channels {
             }
             t => t,
         };
-        let sender = auth.user.clone();
-        let ack = self
-            .write(|batch, positions| {
-                if let Some(prev) = self.store.ack(&sender, key)? {
-                    return Ok(Ack {
-                        event_id: prev.event_id,
-                        channel: prev.channel,
-                        ts: prev.ts,
-                    });
-                }
-                let channel = match &target {
-                    Target::User(other) => self.direct_channel(batch, positions, &sender, other)?,
-                    Target::Channel(id) => {
-                        batch.member_channel(&sender, id)?;
-                        id.clone()
-                    }
-                };
-                let stored = batch.new_event(
-                    positions,
-                    &channel,
-                    &sender,
-                    EventContent::Message {
-                        body: body.to_string(),
-                    },
-                )?;
-                let ack = AckRecord {
-                    event_id: stored.id.clone(),
-                    channel: channel.clone(),
-                    ts: stored.event.ts,
-                };
-                batch
-                    .writes
-                    .acks
-                    .push((sender.clone(), key.to_string(), ack));
-                Ok(Ack {
-                    event_id: stored.id,
-                    channel,
-                    ts: stored.event.ts,
-                })
-            })
-            .await?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let lead = {
+            let mut queue = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+            queue.waiting.push(QueuedSend {
+                sender: auth.user.clone(),
+                key: key.to_string(),
+                target,
+                body: body.to_string(),
+                reply,
+            });
+            !std::mem::replace(&mut queue.draining, true)
+        };
+        if lead {
+            let channels = self.clone();
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || channels.drain_sends(&runtime));
+        }
+        let (ticket, ack) = answer
+            .await
+            .map_err(|_| internal("a queued send was dropped"))??;
+        self.inboxes.durable(ticket).await?;
         self.metrics.messages.inc();
         Ok(ack)
+    }
+
+    /// Stages queued sends, round after round, until none are left. Runs on a
+    /// blocking thread: staging is synchronous work under the write lock.
+    fn drain_sends(&self, runtime: &tokio::runtime::Handle) {
+        loop {
+            let sends = {
+                let mut queue = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+                if queue.waiting.is_empty() {
+                    queue.draining = false;
+                    return;
+                }
+                std::mem::take(&mut queue.waiting)
+            };
+            self.stage_sends(sends, runtime);
+        }
+    }
+
+    /// Stages a round of sends in one write and answers each; the senders then wait
+    /// for the write's group commit themselves.
+    fn stage_sends(&self, sends: Vec<QueuedSend>, runtime: &tokio::runtime::Handle) {
+        let mut servers = Vec::new();
+        let applied = self.inboxes.apply(|positions| {
+            let mut batch = Batch::new(self);
+            let answers: Vec<ApiResult<Ack>> = sends
+                .iter()
+                .map(|s| self.stage_send(&mut batch, positions, s))
+                .collect();
+            let (staged, remote) = batch.finish(answers)?;
+            servers = remote;
+            Ok(staged)
+        });
+        match applied {
+            Ok((ticket, answers)) => {
+                for (send, answer) in sends.into_iter().zip(answers) {
+                    let _ = send.reply.send(answer.map(|ack| (ticket, ack)));
+                }
+                if !servers.is_empty()
+                    && let Some(remote) = self.remote.get().cloned()
+                {
+                    // Outboxes wake once the events are durable: a crash must not take
+                    // back an event another server already holds.
+                    let inboxes = self.inboxes.clone();
+                    runtime.spawn(async move {
+                        if inboxes.durable(ticket).await.is_ok() {
+                            remote.outbox_ready(servers);
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                for send in sends {
+                    let _ = send.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Stages one message in a round: its event, fan-out and idempotency record. A
+    /// repeat of an earlier key (stored, or earlier in this round) answers that
+    /// earlier ack and stages nothing. A refusal stages nothing either: every check
+    /// comes before the first change.
+    fn stage_send(
+        &self,
+        batch: &mut Batch<'_>,
+        positions: &mut Positions,
+        send: &QueuedSend,
+    ) -> ApiResult<Ack> {
+        let QueuedSend {
+            sender,
+            key,
+            target,
+            body,
+            ..
+        } = send;
+        let earlier = batch
+            .writes
+            .acks
+            .iter()
+            .find(|(u, k, _)| u == sender && k == key)
+            .map(|(_, _, ack)| ack.clone());
+        let earlier = match earlier {
+            Some(ack) => Some(ack),
+            None => self.store.ack(sender, key)?,
+        };
+        if let Some(prev) = earlier {
+            return Ok(Ack {
+                event_id: prev.event_id,
+                channel: prev.channel,
+                ts: prev.ts,
+            });
+        }
+        let channel = match target {
+            Target::User(other) => self.direct_channel(batch, positions, sender, other)?,
+            Target::Channel(id) => {
+                batch.member_channel(sender, id)?;
+                id.clone()
+            }
+        };
+        let stored = batch.new_event(
+            positions,
+            &channel,
+            sender,
+            EventContent::Message { body: body.clone() },
+        )?;
+        let ack = AckRecord {
+            event_id: stored.id.clone(),
+            channel: channel.clone(),
+            ts: stored.event.ts,
+        };
+        batch.writes.acks.push((sender.clone(), key.clone(), ack));
+        Ok(Ack {
+            event_id: stored.id,
+            channel,
+            ts: stored.event.ts,
+        })
     }
 
     /// Finds or creates the direct channel with another user.

@@ -66,6 +66,10 @@ impl<T> Staged<T> {
     }
 }
 
+/// A write that was applied and waits for its group commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WriteTicket(u64);
+
 /// Hands out stream positions inside a write.
 pub struct Positions {
     next: u64,
@@ -143,6 +147,18 @@ impl Inboxes {
         &self,
         stage: impl FnOnce(&mut Positions) -> ApiResult<Staged<T>>,
     ) -> ApiResult<T> {
+        let (ticket, reply) = self.apply(stage)?;
+        self.durable(ticket).await?;
+        Ok(reply)
+    }
+
+    /// The first half of [`Inboxes::write`]: runs `stage` under the write lock and
+    /// applies its changes, without waiting. Nothing of it is acknowledged or
+    /// delivered before [`Inboxes::durable`] says its ticket is on disk.
+    pub fn apply<T>(
+        &self,
+        stage: impl FnOnce(&mut Positions) -> ApiResult<Staged<T>>,
+    ) -> ApiResult<(WriteTicket, T)> {
         let ticket = {
             let mut writer = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
             if self.shared.stopping.load(Ordering::Acquire) {
@@ -170,9 +186,14 @@ impl Inboxes {
             drop(pending);
             drop(writer);
             self.shared.wake.notify_one();
-            (ticket, staged.reply)
+            (WriteTicket(ticket), staged.reply)
         };
-        let (ticket, reply) = ticket;
+        Ok(ticket)
+    }
+
+    /// Waits until the write behind `ticket` is durable (and its deliveries published).
+    pub async fn durable(&self, ticket: WriteTicket) -> ApiResult<()> {
+        let WriteTicket(ticket) = ticket;
         let mut rx = self.shared.durable.subscribe();
         let state = rx
             .wait_for(|d| d.failed || d.ticket >= ticket)
@@ -188,7 +209,7 @@ impl Inboxes {
                 "the server could not store this durably; try again",
             ));
         }
-        Ok(reply)
+        Ok(())
     }
 
     /// Sets who hears about deliveries to users with no device online (once).

@@ -279,8 +279,8 @@ async fn forged_and_altered_events_are_refused_and_never_shown() {
     let mallory = rogue.user("mallory").await;
     // A genuine conversation first, so the rogue knows a real channel.
     let mut ma = mallory.connect().await;
-    let (_, channel) = ma.send_to("alice@a.test", "hi, I am real").await;
     let mut al = alice.connect().await;
+    let (_, channel) = ma.send_to("alice@a.test", "hi, I am real").await;
     assert_eq!(al.message().await.1, "hi, I am real");
     let genuine = alice
         .api
@@ -359,8 +359,8 @@ async fn a_server_that_changes_its_key_is_refused() {
     let alice = a.user("alice").await;
     let gary = g.user("gary").await;
     let mut ga = gary.connect().await;
-    ga.send_to("alice@a.test", "before the key change").await;
     let mut al = alice.connect().await;
+    ga.send_to("alice@a.test", "before the key change").await;
     assert_eq!(al.message().await.1, "before the key change");
     ga.close().await;
 
