@@ -91,6 +91,29 @@ pub fn user_server(user: &str) -> Option<&str> {
 }
 
 impl SignedEvent {
+    /// Seals an event made here without signing it: returns it with its id.
+    ///
+    /// The id covers exactly what a signature covers, so an event made here can be
+    /// stored and shown at once and signed with [`sign`] only when it leaves the
+    /// server; ed25519 signatures are deterministic, so every copy carries the same
+    /// one. Events that never leave (chats among local users) are never signed.
+    ///
+    /// [`sign`]: SignedEvent::sign
+    pub fn seal(mut self) -> Result<(SignedEvent, String), EventError> {
+        self.v = EVENT_VERSION;
+        self.signatures.clear();
+        let value =
+            serde_json::to_value(&self).map_err(|e| EventError::Malformed(e.to_string()))?;
+        let id = event_id(&value).map_err(|e| EventError::Malformed(e.to_string()))?;
+        Ok((self, id))
+    }
+
+    /// Whether the event carries a signature yet (events made here are signed on
+    /// their way to other servers).
+    pub fn is_signed(&self) -> bool {
+        !self.signatures.is_empty()
+    }
+
     /// Signs an event made here; returns it with its id.
     pub fn sign(mut self, key: &ServerKey) -> Result<(SignedEvent, String), EventError> {
         self.v = EVENT_VERSION;

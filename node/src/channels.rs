@@ -17,7 +17,6 @@ use hearth_client_api::http::{HistoryPage, MemberList};
 use hearth_client_api::model::{self, ChannelKind, ChannelSummary, Event, Member, Role};
 use hearth_federation::Hlc;
 use hearth_federation::event::{EventContent, MembershipAction, home_server, user_server};
-use hearth_federation::signing::ServerKey;
 use hearth_federation::{EventError, SignedEvent};
 use tracing::instrument;
 
@@ -103,7 +102,6 @@ pub struct Channels {
     clock: Arc<Hlc>,
     limits: ChannelLimits,
     metrics: Metrics,
-    key: ServerKey,
     remote: Arc<OnceLock<Arc<dyn Remote>>>,
     sends: Arc<Mutex<SendQueue>>,
 }
@@ -428,7 +426,8 @@ impl<'a> Batch<'a> {
             content,
             signatures: BTreeMap::new(),
         };
-        let (event, id) = unsigned.sign(&channels.key).map_err(internal)?;
+        // Signed only if it leaves this server (see `SignedEvent::seal`).
+        let (event, id) = unsigned.seal().map_err(internal)?;
         let stored = StoredEvent { id, event };
         self.take_in(positions, &stored, true)
             .map_err(|r| ApiError::new(ErrorCode::BadRequest, r.wire()))?;
@@ -692,7 +691,6 @@ impl Channels {
         clock: Arc<Hlc>,
         limits: ChannelLimits,
         metrics: Metrics,
-        key: ServerKey,
     ) -> Self {
         Channels {
             store,
@@ -701,7 +699,6 @@ impl Channels {
             clock,
             limits,
             metrics,
-            key,
             remote: Arc::new(OnceLock::new()),
             sends: Arc::default(),
         }

@@ -130,7 +130,6 @@ impl Node {
                 max_body_bytes: config.max_body_bytes,
             },
             metrics.clone(),
-            identity.key.clone(),
         );
         let presence = Presence::new(
             store.clone(),

@@ -31,7 +31,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::directory::{Directory, ServerEntry};
 use crate::channels::{Channels, Refusal, Remote};
@@ -650,7 +650,7 @@ impl Federation {
                     if found.len() > room {
                         more = true;
                     }
-                    events.extend(found.into_iter().take(room).map(|s| s.event.to_json()));
+                    events.extend(found.into_iter().take(room).map(|s| self.outgoing(s.event)));
                 }
                 Err(e) => return refused("internal", e.to_string()),
             }
@@ -675,7 +675,7 @@ impl Federation {
                 events: log
                     .into_iter()
                     .take(MAX_EVENTS_PER_MESSAGE)
-                    .map(|s| s.event.to_json())
+                    .map(|s| self.outgoing(s.event))
                     .collect(),
             },
             Err(e) => refused("internal", e.to_string()),
@@ -908,7 +908,7 @@ impl Federation {
             let mut events = Vec::new();
             for (key, id) in entries {
                 if let Ok(Some(stored)) = self.shared.store.event(&id) {
-                    events.push(stored.event.to_json());
+                    events.push(self.outgoing(stored.event));
                 }
                 keys.push(key);
             }
@@ -957,6 +957,23 @@ impl Federation {
                 _ = stop.changed() => return,
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// An event as it travels to another server. Events made here are stored
+    /// unsigned and signed on their way out (see `SignedEvent::seal`).
+    fn outgoing(&self, event: SignedEvent) -> String {
+        if event.is_signed() || event.origin != self.shared.name {
+            return event.to_json();
+        }
+        match event.clone().sign(&self.shared.identity.key) {
+            Ok((signed, _)) => signed.to_json(),
+            Err(e) => {
+                // Cannot happen for an event this node sealed; the receiver refuses
+                // the unsigned copy and says so.
+                error!(error = %e, "an event made here did not sign");
+                event.to_json()
+            }
         }
     }
 
