@@ -1,11 +1,13 @@
 //! The session hub: which devices are connected now, and handing events to their queues.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use hearth_client_api::close;
+use tokio::sync::{Notify, watch};
+use tokio::time::MissedTickBehavior;
 
 use crate::metrics::Metrics;
 
@@ -36,6 +38,10 @@ pub struct Mailbox {
     kicked: OnceLock<u16>,
     /// Woken on both a new item and a kick; the session checks both each time.
     notify: Notify,
+    /// When the session times out unless a frame arrives: milliseconds since the
+    /// hub's epoch. The hub's sweeper wakes a session past it, so a session holds
+    /// no timer of its own.
+    deadline_ms: AtomicU64,
 }
 
 /// What woke a session waiting on its mailbox.
@@ -110,11 +116,23 @@ struct Conn {
     mailbox: Arc<Mailbox>,
 }
 
+/// How often the hub looks for sessions past their heartbeat deadline: a silent
+/// session is woken (and closes) at most this much after its deadline.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
 struct Shared {
     users: RwLock<HashMap<String, Vec<Conn>>>,
     next_id: AtomicU64,
     queue_len: usize,
     metrics: Metrics,
+    /// Deadlines are kept as milliseconds since this instant.
+    epoch: tokio::time::Instant,
+    /// Set when the node shuts down: every session, also one attaching later, is
+    /// asked to close with this code.
+    closing: OnceLock<u16>,
+    /// Whether the sweeper and the shutdown watch were started (with the first
+    /// session: they need the runtime, which the hub's constructor may not have).
+    started: AtomicBool,
 }
 
 /// A cheap handle to the node's registry of live sessions.
@@ -134,6 +152,21 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// Heard from the client: the session times out `timeout` from now unless it
+    /// hears again.
+    pub fn heard(&self, timeout: Duration) {
+        let at = self
+            .hub
+            .ms_since_epoch(tokio::time::Instant::now() + timeout);
+        self.mailbox.deadline_ms.store(at, Ordering::Relaxed);
+    }
+
+    /// Whether the heartbeat deadline has passed.
+    pub fn timed_out(&self) -> bool {
+        let now = self.hub.ms_since_epoch(tokio::time::Instant::now());
+        self.mailbox.deadline_ms.load(Ordering::Relaxed) <= now
+    }
+
     /// Leaves the hub; returns true if this was `user`'s last connected device.
     /// (The session already holds the user id; keeping a copy here would cost an
     /// allocation per connection.)
@@ -151,7 +184,42 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 queue_len,
                 metrics,
+                epoch: tokio::time::Instant::now(),
+                closing: OnceLock::new(),
+                started: AtomicBool::new(false),
             }),
+        }
+    }
+
+    fn ms_since_epoch(&self, at: tokio::time::Instant) -> u64 {
+        let ms = at.saturating_duration_since(self.shared.epoch).as_millis();
+        u64::try_from(ms).unwrap_or(u64::MAX)
+    }
+
+    /// Starts, once, the hub's two tasks: the sweeper that wakes sessions past
+    /// their heartbeat deadline, and the watch that closes every session when
+    /// `shutdown` turns true. One task each for the node instead of a timer and a
+    /// shutdown waiter in every session. Both hold the hub weakly and end with it.
+    fn start(&self, shutdown: &watch::Receiver<bool>) {
+        if self.shared.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.shared.started.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(&self.shared);
+        rt.spawn(sweep(weak.clone()));
+        rt.spawn(close_on_shutdown(weak, shutdown.clone()));
+    }
+
+    /// Asks every session, and any that attaches later, to close with `code`.
+    fn close_all(&self, code: u16) {
+        let _ = self.shared.closing.set(code);
+        for conns in self.read().values() {
+            for c in conns {
+                c.mailbox.kick(code);
+            }
         }
     }
 
@@ -163,9 +231,19 @@ impl Hub {
         self.shared.users.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connected device.
-    pub fn attach(&self, user: &str, device: &str) -> Attachment {
+    /// Registers a connected device whose session times out `timeout` from now
+    /// unless it hears from the client, and closes when `shutdown` turns true.
+    pub fn attach(
+        &self,
+        user: &str,
+        device: &str,
+        timeout: Duration,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Attachment {
+        self.start(shutdown);
         let mailbox = Arc::new(Mailbox::default());
+        let deadline = self.ms_since_epoch(tokio::time::Instant::now() + timeout);
+        mailbox.deadline_ms.store(deadline, Ordering::Relaxed);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut users = self.write();
         // Most users have one device online: room for exactly one, not Vec's
@@ -179,6 +257,12 @@ impl Hub {
             device: device.to_string(),
             mailbox: mailbox.clone(),
         });
+        // Under the write lock: close_all either sees this session or set the
+        // code before it was added.
+        if let Some(code) = self.shared.closing.get() {
+            mailbox.kick(*code);
+        }
+        drop(users);
         self.shared.metrics.connections.inc();
         Attachment {
             mailbox,
@@ -238,7 +322,7 @@ impl Hub {
         for c in conns {
             if !c.mailbox.push(item, self.shared.queue_len) {
                 self.shared.metrics.slow_disconnects.inc();
-                c.mailbox.kick(hearth_client_api::close::TOO_SLOW);
+                c.mailbox.kick(close::TOO_SLOW);
             }
         }
         !conns.is_empty()
@@ -252,5 +336,43 @@ impl Hub {
     /// Number of connected sessions.
     pub fn connection_count(&self) -> usize {
         self.read().values().map(Vec::len).sum()
+    }
+}
+
+/// Every SWEEP_EVERY, wakes the sessions whose heartbeat deadline has passed. It
+/// does not close them itself: a session reads what has already arrived before it
+/// checks its deadline, so a heartbeat that came in time but was not yet read
+/// still counts.
+async fn sweep(hub: Weak<Shared>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = hub.upgrade() else { return };
+        let hub = Hub { shared };
+        let now = hub.ms_since_epoch(tokio::time::Instant::now());
+        for conns in hub.read().values() {
+            for c in conns {
+                if c.mailbox.deadline_ms.load(Ordering::Relaxed) <= now {
+                    c.mailbox.notify.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// Closes every session once `shutdown` turns true; ends if the node is dropped
+/// without shutting down.
+async fn close_on_shutdown(hub: Weak<Shared>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            if let Some(shared) = hub.upgrade() {
+                Hub { shared }.close_all(close::GOING_AWAY);
+            }
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
     }
 }

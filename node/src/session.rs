@@ -5,23 +5,22 @@
 //! so nothing published meanwhile is missed, and drops anything at or below the
 //! position it already sent, so nothing arrives twice.
 
-use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hearth_client_api::{ClientFrame, ErrorCode, PROTOCOL_VERSION, ServerFrame, close};
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::{debug, info, instrument};
+use tracing::{Instrument, debug, info};
 
 use crate::Services;
 use crate::accounts::DeviceAuth;
 use crate::channels::{Ack, Target};
 use crate::error::ApiError;
-use crate::hub::{Mailbox, Outbound, Wake};
+use crate::hub::{Attachment, Mailbox, Outbound, Wake};
 
 /// A frame from the client, as the transport saw it.
 #[derive(Debug)]
@@ -232,218 +231,269 @@ where
 }
 
 /// The authenticated part of a session.
-#[instrument(skip_all, fields(user = %auth.user, device = %auth.device))]
-async fn serve<T>(t: &mut T, svc: &Services, auth: &DeviceAuth) -> End
+///
+/// Not `async fn`s, this and `session_loop`: an async fn's future stores each
+/// argument twice, and these futures are held for the whole connection.
+fn serve<'a, T>(
+    t: &'a mut T,
+    svc: &'a Services,
+    auth: &'a DeviceAuth,
+) -> impl Future<Output = End> + 'a
 where
     T: Stream<Item = WireIn> + Sink<WireOut> + Unpin,
 {
-    let cursor = match svc.accounts.cursor(auth) {
-        Ok(c) => c,
-        Err(_) => return End::Close(close::LOGGED_OUT, "logged out"),
-    };
-    let attachment = svc.hub.attach(&auth.user, &auth.device);
-    // A logout between reading the cursor and attaching kicked nobody: check again.
-    if svc.accounts.cursor(auth).is_err() {
-        attachment.detach(&auth.user);
-        return End::Close(close::LOGGED_OUT, "logged out");
+    let span = tracing::info_span!("serve", user = %auth.user, device = %auth.device);
+    async move {
+        let cursor = match svc.accounts.cursor(auth) {
+            Ok(c) => c,
+            Err(_) => return End::Close(close::LOGGED_OUT, "logged out"),
+        };
+        let attachment = svc.hub.attach(
+            &auth.user,
+            &auth.device,
+            heartbeat_timeout(svc),
+            &svc.shutdown,
+        );
+        // A logout between reading the cursor and attaching kicked nobody: check again.
+        if svc.accounts.cursor(auth).is_err() {
+            attachment.detach(&auth.user);
+            return End::Close(close::LOGGED_OUT, "logged out");
+        }
+        svc.presence.touch(&auth.user);
+        if attachment.first {
+            svc.presence.announce(&auth.user);
+        }
+        info!(cursor, "session started");
+        let end = session_loop(t, svc, auth, cursor, &attachment).await;
+        svc.presence.touch(&auth.user);
+        if attachment.detach(&auth.user) {
+            svc.presence.announce(&auth.user);
+        }
+        info!("session ended");
+        end
     }
-    svc.presence.touch(&auth.user);
-    if attachment.first {
-        svc.presence.announce(&auth.user);
-    }
-    info!(cursor, "session started");
-    let end = session_loop(t, svc, auth, cursor, &attachment.mailbox).await;
-    svc.presence.touch(&auth.user);
-    if attachment.detach(&auth.user) {
-        svc.presence.announce(&auth.user);
-    }
-    info!("session ended");
-    end
+    .instrument(span)
 }
 
-async fn session_loop<T>(
-    t: &mut T,
-    svc: &Services,
-    auth: &DeviceAuth,
+// Not an async fn, for the reason given at `serve`.
+#[allow(clippy::manual_async_fn)]
+fn session_loop<'a, T>(
+    t: &'a mut T,
+    svc: &'a Services,
+    auth: &'a DeviceAuth,
     cursor: u64,
-    mailbox: &Mailbox,
-) -> End
+    attachment: &'a Attachment,
+) -> impl Future<Output = End> + 'a
 where
     T: Stream<Item = WireIn> + Sink<WireOut> + Unpin,
 {
-    let cfg = &svc.config;
-    let heartbeat = Duration::from_secs(cfg.heartbeat_timeout_secs);
-    let ready = encode(&ServerFrame::Ready {
-        v: PROTOCOL_VERSION,
-        user: auth.user.clone(),
-        device: auth.device.clone(),
-        cursor,
-        heartbeat_timeout_ms: heartbeat.as_millis() as u64,
-        max_frame_bytes: cfg.max_frame_bytes,
-    });
-    if let Err(e) = Box::pin(write(t, WireOut::Text(ready))).await {
-        return e;
-    }
-    let limiter: DefaultDirectRateLimiter = RateLimiter::direct(
-        Quota::per_second(NonZeroU32::new(cfg.rate_limit_per_sec).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(cfg.rate_limit_burst).unwrap_or(NonZeroU32::MIN)),
-    );
-    let mut shutdown = svc.shutdown.clone();
-    let mut sent_upto = cursor;
-    let mut backlog_done = false;
-    // Created with the first send and dropped when none wait: an empty
-    // FuturesUnordered still holds two allocations.
-    let mut sends: Option<FuturesUnordered<PendingSend>> = None;
-    let mut deadline = Instant::now() + heartbeat;
-    loop {
-        if sends.as_ref().is_some_and(FuturesUnordered::is_empty) {
-            sends = None;
+    async move {
+        let cfg = &svc.config;
+        let ready = encode(&ServerFrame::Ready {
+            v: PROTOCOL_VERSION,
+            user: auth.user.clone(),
+            device: auth.device.clone(),
+            cursor,
+            heartbeat_timeout_ms: heartbeat_timeout(svc).as_millis() as u64,
+            max_frame_bytes: cfg.max_frame_bytes,
+        });
+        if let Err(e) = Box::pin(write(t, WireOut::Text(ready))).await {
+            return e;
         }
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => return End::Close(close::GOING_AWAY, "server shutting down"),
-            // Outgoing events first: a client that sends a lot must still receive its
-            // own and others' events, or its queue overflows while it is reading.
-            // Items wait until the backlog is sent; a kick is taken at any time.
-            wake = mailbox.wait(backlog_done) => match wake {
-                Wake::Kicked(code) => return End::Close(code, kick_reason(code)),
-                Wake::Items => {
-                    if let Err(e) = Box::pin(write_live(t, svc, mailbox, &mut sent_upto)).await {
-                        return e;
-                    }
-                }
-            },
-            _ = sleep_until(deadline) => {
-                return End::Close(close::HEARTBEAT_TIMEOUT, "no heartbeat in time");
+        let mailbox = &attachment.mailbox;
+        let mut limit = FrameLimit::default();
+        let mut sent_upto = cursor;
+        let mut backlog_done = false;
+        // Created with the first send and dropped when none wait: an empty
+        // FuturesUnordered still holds two allocations.
+        let mut sends: Option<FuturesUnordered<PendingSend>> = None;
+        loop {
+            if sends.as_ref().is_some_and(FuturesUnordered::is_empty) {
+                sends = None;
             }
-            Some((key, result)) = next_send(&mut sends), if sends.is_some() => {
-                let frame = match result {
-                    Ok(ack) => WireOut::Text(encode(&ServerFrame::Ack {
-                        key,
-                        event_id: ack.event_id,
-                        channel: ack.channel,
-                        ts: ack.ts,
-                    })),
-                    Err(err) => error_frame(err.code, err.message, Some(key)),
-                };
-                if let Err(e) = Box::pin(out(t, svc, frame)).await {
-                    return e;
-                }
-            }
-            frame = t.next() => {
-                deadline = Instant::now() + heartbeat;
-                svc.metrics.frames_in.inc();
-                let text = match frame.unwrap_or(WireIn::Closed) {
-                    WireIn::Text(text) => text,
-                    WireIn::Closed => return End::Gone,
-                    WireIn::CloseRequested => return End::Echo,
-                    WireIn::TooBig => return End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
-                    WireIn::Binary => {
-                        let e = error_frame(ErrorCode::BadRequest, "binary frames are not part of the protocol", None);
-                        if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
-                        continue;
-                    }
-                };
-                if text.len() > cfg.max_frame_bytes {
-                    let e = error_frame(
-                        ErrorCode::TooLarge,
-                        format!("the frame is {} bytes; at most {} are accepted", text.len(), cfg.max_frame_bytes),
-                        None,
-                    );
-                    if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
-                    continue;
-                }
-                if limiter.check().is_err() {
-                    let key = serde_json::from_str::<serde_json::Value>(&text)
-                        .ok()
-                        .and_then(|v| v.get("key").and_then(|k| k.as_str()).map(str::to_string));
-                    let e = error_frame(ErrorCode::RateLimited, "too many frames; slow down and resend", key);
-                    if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
-                    continue;
-                }
-                let reply = match parse(&text) {
-                    Err((code, message)) => Some(error_frame(code, message, None)),
-                    Ok(ClientFrame::Heartbeat) => {
-                        svc.presence.touch(&auth.user);
-                        None
-                    }
-                    Ok(ClientFrame::Auth { .. }) => Some(error_frame(
-                        ErrorCode::BadRequest,
-                        "this session is already authenticated",
-                        None,
-                    )),
-                    Ok(ClientFrame::Cursor { pos }) => {
-                        // A device cannot acknowledge what it has not been sent.
-                        match svc.accounts.advance_cursor(auth, pos.min(sent_upto)) {
-                            Ok(()) => None,
-                            Err(err) => Some(error_frame(err.code, err.message, None)),
-                        }
-                    }
-                    Ok(ClientFrame::Send { key, to, channel, body }) => {
-                        let target = match (to, channel) {
-                            (Some(user), None) => Ok(Target::User(user)),
-                            (None, Some(channel)) => Ok(Target::Channel(channel)),
-                            _ => Err("a send names exactly one of \"to\" and \"channel\""),
-                        };
-                        match target {
-                            Err(m) => Some(error_frame(ErrorCode::BadRequest, m, Some(key))),
-                            Ok(_) if sends.as_ref().map_or(0, FuturesUnordered::len) >= MAX_SENDS_IN_FLIGHT => Some(error_frame(
-                                ErrorCode::RateLimited,
-                                "too many sends waiting for their acks; wait for some",
-                                Some(key),
-                            )),
-                            Ok(target) => {
-                                let channels = svc.channels.clone();
-                                let auth = auth.clone();
-                                sends.get_or_insert_with(FuturesUnordered::new).push(Box::pin(async move {
-                                    let res = channels.send(&auth, &key, target, &body).await;
-                                    (key, res)
-                                }));
-                                None
-                            }
-                        }
-                    }
-                };
-                if let Some(reply) = reply
-                    && let Err(e) = Box::pin(out(t, svc, reply)).await { return e; }
-            }
-            _ = std::future::ready(()), if !backlog_done => {
-                match svc.inboxes.backlog(&auth.user, sent_upto, cfg.sync_batch) {
-                    Ok(mut events) => {
-                        let mut more = events.len() == cfg.sync_batch;
-                        // Keep each frame within the frame limit: large messages make
-                        // smaller batches, never a frame the transport cannot carry.
-                        let mut size = 0;
-                        let fit = events
-                            .iter()
-                            .position(|e| {
-                                size += serde_json::to_string(e).map_or(0, |s| s.len() + 1);
-                                size > cfg.max_frame_bytes
-                            })
-                            .map_or(events.len(), |i| i.max(1));
-                        if fit < events.len() {
-                            events.truncate(fit);
-                            more = true;
-                        }
-                        if let Some(pos) = events.last().and_then(|e| e.pos) {
-                            sent_upto = pos;
-                        }
-                        backlog_done = !more;
-                        let frame = encode(&ServerFrame::Sync { events, more });
-                        if let Err(e) = Box::pin(out(t, svc, WireOut::Text(frame))).await {
+            // Shutdown comes as a kick and the heartbeat deadline as a wake-up from the
+            // hub: a session holds neither a timer nor a shutdown waiter while it idles.
+            tokio::select! {
+                biased;
+                // Outgoing events first: a client that sends a lot must still receive its
+                // own and others' events, or its queue overflows while it is reading.
+                // Items wait until the backlog is sent; a kick is taken at any time.
+                wake = mailbox.wait(backlog_done) => match wake {
+                    Wake::Kicked(code) => return End::Close(code, kick_reason(code)),
+                    Wake::Items => {
+                        if let Err(e) = Box::pin(write_live(t, svc, mailbox, &mut sent_upto)).await {
                             return e;
                         }
                     }
-                    Err(_) => return End::Close(close::SERVER_ERROR, "server error"),
+                },
+                Some((key, result)) = next_send(&mut sends), if sends.is_some() => {
+                    let frame = match result {
+                        Ok(ack) => WireOut::Text(encode(&ServerFrame::Ack {
+                            key,
+                            event_id: ack.event_id,
+                            channel: ack.channel,
+                            ts: ack.ts,
+                        })),
+                        Err(err) => error_frame(err.code, err.message, Some(key)),
+                    };
+                    if let Err(e) = Box::pin(out(t, svc, frame)).await {
+                        return e;
+                    }
+                }
+                frame = t.next() => {
+                    attachment.heard(heartbeat_timeout(svc));
+                    svc.metrics.frames_in.inc();
+                    let text = match frame.unwrap_or(WireIn::Closed) {
+                        WireIn::Text(text) => text,
+                        WireIn::Closed => return End::Gone,
+                        WireIn::CloseRequested => return End::Echo,
+                        WireIn::TooBig => return End::Close(close::MESSAGE_TOO_BIG, "frame too large"),
+                        WireIn::Binary => {
+                            let e = error_frame(ErrorCode::BadRequest, "binary frames are not part of the protocol", None);
+                            if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
+                            continue;
+                        }
+                    };
+                    if text.len() > cfg.max_frame_bytes {
+                        let e = error_frame(
+                            ErrorCode::TooLarge,
+                            format!("the frame is {} bytes; at most {} are accepted", text.len(), cfg.max_frame_bytes),
+                            None,
+                        );
+                        if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
+                        continue;
+                    }
+                    if !limit.check(cfg.rate_limit_per_sec, cfg.rate_limit_burst) {
+                        let key = serde_json::from_str::<serde_json::Value>(&text)
+                            .ok()
+                            .and_then(|v| v.get("key").and_then(|k| k.as_str()).map(str::to_string));
+                        let e = error_frame(ErrorCode::RateLimited, "too many frames; slow down and resend", key);
+                        if let Err(e) = Box::pin(out(t, svc, e)).await { return e; }
+                        continue;
+                    }
+                    let reply = match parse(&text) {
+                        Err((code, message)) => Some(error_frame(code, message, None)),
+                        Ok(ClientFrame::Heartbeat) => {
+                            svc.presence.touch(&auth.user);
+                            None
+                        }
+                        Ok(ClientFrame::Auth { .. }) => Some(error_frame(
+                            ErrorCode::BadRequest,
+                            "this session is already authenticated",
+                            None,
+                        )),
+                        Ok(ClientFrame::Cursor { pos }) => {
+                            // A device cannot acknowledge what it has not been sent.
+                            match svc.accounts.advance_cursor(auth, pos.min(sent_upto)) {
+                                Ok(()) => None,
+                                Err(err) => Some(error_frame(err.code, err.message, None)),
+                            }
+                        }
+                        Ok(ClientFrame::Send { key, to, channel, body }) => {
+                            let target = match (to, channel) {
+                                (Some(user), None) => Ok(Target::User(user)),
+                                (None, Some(channel)) => Ok(Target::Channel(channel)),
+                                _ => Err("a send names exactly one of \"to\" and \"channel\""),
+                            };
+                            match target {
+                                Err(m) => Some(error_frame(ErrorCode::BadRequest, m, Some(key))),
+                                Ok(_) if sends.as_ref().map_or(0, FuturesUnordered::len) >= MAX_SENDS_IN_FLIGHT => Some(error_frame(
+                                    ErrorCode::RateLimited,
+                                    "too many sends waiting for their acks; wait for some",
+                                    Some(key),
+                                )),
+                                Ok(target) => {
+                                    let channels = svc.channels.clone();
+                                    let auth = auth.clone();
+                                    sends.get_or_insert_with(FuturesUnordered::new).push(Box::pin(async move {
+                                        let res = channels.send(&auth, &key, target, &body).await;
+                                        (key, res)
+                                    }));
+                                    None
+                                }
+                            }
+                        }
+                    };
+                    if let Some(reply) = reply
+                        && let Err(e) = Box::pin(out(t, svc, reply)).await { return e; }
+                }
+                // Last but one: frames that already arrived count. No waker of its
+                // own: the hub's sweeper wakes the session (through its mailbox)
+                // once the deadline has passed.
+                _ = std::future::poll_fn(|_| {
+                    if attachment.timed_out() { Poll::Ready(()) } else { Poll::Pending }
+                }) => {
+                    return End::Close(close::HEARTBEAT_TIMEOUT, "no heartbeat in time");
+                }
+                _ = std::future::ready(()), if !backlog_done => {
+                    match svc.inboxes.backlog(&auth.user, sent_upto, cfg.sync_batch) {
+                        Ok(mut events) => {
+                            let mut more = events.len() == cfg.sync_batch;
+                            // Keep each frame within the frame limit: large messages make
+                            // smaller batches, never a frame the transport cannot carry.
+                            let mut size = 0;
+                            let fit = events
+                                .iter()
+                                .position(|e| {
+                                    size += serde_json::to_string(e).map_or(0, |s| s.len() + 1);
+                                    size > cfg.max_frame_bytes
+                                })
+                                .map_or(events.len(), |i| i.max(1));
+                            if fit < events.len() {
+                                events.truncate(fit);
+                                more = true;
+                            }
+                            if let Some(pos) = events.last().and_then(|e| e.pos) {
+                                sent_upto = pos;
+                            }
+                            backlog_done = !more;
+                            let frame = encode(&ServerFrame::Sync { events, more });
+                            if let Err(e) = Box::pin(out(t, svc, WireOut::Text(frame))).await {
+                                return e;
+                            }
+                        }
+                        Err(_) => return End::Close(close::SERVER_ERROR, "server error"),
+                    }
                 }
             }
         }
+    }
+}
+
+fn heartbeat_timeout(svc: &Services) -> Duration {
+    Duration::from_secs(svc.config.heartbeat_timeout_secs)
+}
+
+/// The per-session frame limit: `per_sec` frames a second sustained, bursts of
+/// `burst`. The GCRA that governor implements, kept here as one instant because a
+/// session holds it for its whole life: 16 bytes instead of governor's 72 (a
+/// limiter carries its own clock and quota).
+#[derive(Default)]
+struct FrameLimit {
+    /// The theoretical arrival time of the next frame; None before the first.
+    tat: Option<std::time::Instant>,
+}
+
+impl FrameLimit {
+    /// Counts a frame; false if it is over the limit (and then it is not counted).
+    fn check(&mut self, per_sec: u32, burst: u32) -> bool {
+        let now = std::time::Instant::now();
+        // One frame's share of a second, and the credit a burst may draw ahead.
+        let t = (Duration::from_secs(1) / per_sec.max(1)).max(Duration::from_nanos(1));
+        let tau = t * (burst.max(1) - 1);
+        let tat = self.tat.unwrap_or(now);
+        if tat.checked_sub(tau).is_some_and(|earliest| now < earliest) {
+            return false;
+        }
+        self.tat = Some(tat.max(now) + t);
+        true
     }
 }
 
 fn kick_reason(code: u16) -> &'static str {
     match code {
         close::TOO_SLOW => "too slow: reconnect and resync from your cursor",
+        close::GOING_AWAY => "server shutting down",
         close::LOGGED_OUT => "logged out",
         _ => "closed by the server",
     }
@@ -642,6 +692,20 @@ mod tests {
             client.hear().await,
             WireOut::Close(close::HEARTBEAT_TIMEOUT, "no heartbeat in time".into())
         );
+    }
+
+    #[test]
+    fn the_frame_limit_allows_a_burst_then_the_sustained_rate() {
+        let mut limit = FrameLimit::default();
+        for _ in 0..5 {
+            assert!(limit.check(1000, 5));
+        }
+        assert!(!limit.check(1000, 5), "the sixth frame of the burst");
+        std::thread::sleep(Duration::from_millis(3));
+        assert!(limit.check(1000, 5), "a frame's share came back");
+        let mut strict = FrameLimit::default();
+        assert!(strict.check(0, 0), "zero counts as one");
+        assert!(!strict.check(0, 0));
     }
 
     #[test]

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt, future};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
 
 use crate::Services;
 use crate::session::{self, WireIn, WireOut};
@@ -15,7 +18,7 @@ use crate::session::{self, WireIn, WireOut};
 /// it is small: client frames (heartbeats, cursors, sends of a chat message) fit
 /// in one read; a larger frame grows the buffer to its size (and keeps it) and is
 /// read in steps of this size.
-const READ_BUFFER_BYTES: usize = 512;
+const READ_BUFFER_BYTES: usize = 256;
 /// Bytes tungstenite gathers before writing to the socket. Not allocated up front;
 /// it bounds how far the write buffer grows during a burst of small frames, which
 /// it then keeps (tungstenite never shrinks it).
@@ -35,34 +38,63 @@ pub(super) async fn upgrade(State(svc): State<Arc<Services>>, ws: WebSocketUpgra
         .on_upgrade(move |socket| session::run(transport(socket), svc))
 }
 
-fn transport(
-    socket: WebSocket,
-) -> impl futures_util::Stream<Item = WireIn> + futures_util::Sink<WireOut, Error = axum::Error> + Unpin
-{
-    socket
-        .filter_map(|msg| {
-            future::ready(match msg {
-                Ok(Message::Text(t)) => Some(WireIn::Text(t.as_str().to_owned())),
-                Ok(Message::Binary(_)) => Some(WireIn::Binary),
-                Ok(Message::Close(_)) => Some(WireIn::CloseRequested),
-                Ok(Message::Ping(_) | Message::Pong(_)) => None,
-                Err(e) => {
+fn transport(socket: WebSocket) -> Transport {
+    Transport(socket)
+}
+
+/// axum's socket seen as the session's transport. A struct of its own rather than
+/// `filter_map` and `with` adapters, which each keep a slot for an item in flight:
+/// the session holds its transport for the whole connection.
+struct Transport(WebSocket);
+
+impl Stream for Transport {
+    type Item = WireIn;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WireIn>> {
+        loop {
+            let wire = match ready!(self.0.poll_next_unpin(cx)) {
+                None => return Poll::Ready(None),
+                Some(Ok(Message::Text(t))) => WireIn::Text(t.as_str().to_owned()),
+                Some(Ok(Message::Binary(_))) => WireIn::Binary,
+                Some(Ok(Message::Close(_))) => WireIn::CloseRequested,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Err(e)) => {
                     let text = e.to_string();
                     if text.contains("too long") || text.contains("Space limit") {
-                        Some(WireIn::TooBig)
+                        WireIn::TooBig
                     } else {
-                        Some(WireIn::Closed)
+                        WireIn::Closed
                     }
                 }
-            })
-        })
-        .with(|out: WireOut| {
-            future::ready(Ok::<_, axum::Error>(match out {
-                WireOut::Text(t) => Message::Text(t.as_ref().into()),
-                WireOut::Close(code, reason) => Message::Close(Some(CloseFrame {
-                    code,
-                    reason: reason.into(),
-                })),
-            }))
-        })
+            };
+            return Poll::Ready(Some(wire));
+        }
+    }
+}
+
+impl Sink<WireOut> for Transport {
+    type Error = axum::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready_unpin(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, out: WireOut) -> Result<(), Self::Error> {
+        let msg = match out {
+            WireOut::Text(t) => Message::Text(t.as_ref().into()),
+            WireOut::Close(code, reason) => Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })),
+        };
+        self.0.start_send_unpin(msg)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_flush_unpin(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_close_unpin(cx)
+    }
 }
