@@ -127,6 +127,9 @@ struct QueuedSend {
 }
 
 const MAX_KEY_CHARS: usize = 64;
+/// Sends staged in one round at most: bounds how long a round holds the write lock
+/// (other writes wait for it) and how late its first sender hears back.
+const MAX_SENDS_PER_ROUND: usize = 512;
 const MAX_HISTORY_PAGE: usize = 200;
 const DEFAULT_HISTORY_PAGE: usize = 50;
 
@@ -890,7 +893,8 @@ impl Channels {
                     queue.draining = false;
                     return;
                 }
-                std::mem::take(&mut queue.waiting)
+                let round = queue.waiting.len().min(MAX_SENDS_PER_ROUND);
+                queue.waiting.drain(..round).collect::<Vec<_>>()
             };
             self.stage_sends(sends, runtime);
         }

@@ -904,14 +904,31 @@ impl Federation {
                     _ = stop.changed() => return,
                 }
             }
-            let mut keys = Vec::new();
-            let mut events = Vec::new();
-            for (key, id) in entries {
-                if let Ok(Some(stored)) = self.shared.store.event(&id) {
-                    events.push(self.outgoing(stored.event));
+            // Reading and signing up to a full push is CPU work; keep it off the
+            // runtime's worker threads.
+            let this = self.clone();
+            let Ok((keys, events)) = tokio::task::spawn_blocking(move || {
+                let mut keys = Vec::new();
+                let mut events = Vec::new();
+                for (key, id) in entries {
+                    if let Ok(Some(stored)) = this.shared.store.event(&id) {
+                        events.push(this.outgoing(stored.event));
+                    }
+                    keys.push(key);
                 }
-                keys.push(key);
-            }
+                (keys, events)
+            })
+            .await
+            else {
+                // Only at shutdown (or a bug): let the next wake start a fresh worker.
+                warn!(server = %dest, "outbox worker stopped");
+                self.shared
+                    .outboxes
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&dest);
+                return;
+            };
             let pushed = match self.push(&dest, events).await {
                 Ok(FedResponse::Pushed { accepted, refused }) => {
                     let retry: BTreeSet<u32> = refused
