@@ -60,6 +60,9 @@ use crate::sync::Inboxes;
 /// How long shutdown waits for sessions to close before it stops waiting.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How long shutdown then waits for session tasks that were told to close to end.
+const SESSIONS_GONE_WAIT: Duration = Duration::from_secs(5);
+
 /// Every service of a node, built once and shared by handlers and sessions.
 pub struct Services {
     /// The settings the node runs with.
@@ -217,6 +220,17 @@ impl Node {
                 Ok(())
             }
         };
+        // WebSocket sessions run in tasks of their own, which the server's connection
+        // tracking lets go at the upgrade. Each holds the services: wait (bounded) until
+        // they are gone, so what they still write reaches the flusher, and the store is
+        // free to open again once this returns.
+        let deadline = tokio::time::Instant::now() + SESSIONS_GONE_WAIT;
+        while Arc::strong_count(&svc) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&svc) > 1 {
+            warn!("some sessions were still ending; stopping anyway");
+        }
         if let Some(f) = &svc.federation {
             f.stop().await;
         }

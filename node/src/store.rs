@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hearth_client_api::model::{ChannelKind, Role};
 use hearth_federation::SignedEvent;
@@ -737,6 +737,32 @@ impl Store {
             .collect()
     }
 
+    /// Up to `limit` outbox entries for `dest` after the entry `after` (from the
+    /// oldest if `None`).
+    pub fn outbox_after(
+        &self,
+        dest: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> StoreResult<Vec<(Vec<u8>, String)>> {
+        let Some(after) = after else {
+            return self.outbox(dest, limit);
+        };
+        let p = prefix(dest);
+        let mut start = after.to_vec();
+        // The smallest key after `after`.
+        start.push(0);
+        self.destseq_outbox
+            .range(start..)
+            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(&p)))
+            .take(limit)
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((k.to_vec(), suffix_str("destseq_outbox", &v, 0)?))
+            })
+            .collect()
+    }
+
     /// Removes delivered outbox entries.
     pub fn outbox_done(&self, keys: &[Vec<u8>]) -> StoreResult<()> {
         let mut batch = sled::Batch::default();
@@ -870,6 +896,9 @@ impl Store {
                     for (a, b, channel) in &w.direct_pairs {
                         pairs.insert(pair_key(a, b), channel.as_bytes())?;
                     }
+                    // Heads move once per channel and origin of the write set, after all
+                    // its events are in: a round of sends has many per channel.
+                    let mut moved: BTreeSet<(&str, &str)> = BTreeSet::new();
                     for (key, value, stored) in &events {
                         let ev = &stored.event;
                         evs.insert(key.as_slice(), value.as_slice())?;
@@ -883,19 +912,23 @@ impl Store {
                                 key.as_slice(),
                             )?;
                         }
-                        let co = key2(&ev.channel, ev.origin.as_bytes());
                         origin_seq.insert(
                             key2(&co_str(&ev.channel, &ev.origin), &ev.seq.to_be_bytes()),
                             key.as_slice(),
                         )?;
+                        moved.insert((ev.channel.as_str(), ev.origin.as_str()));
+                    }
+                    for (channel, origin) in &moved {
                         // The head is the next sequence this server expects from the origin
                         // in the channel: it moves over every event held without a gap.
+                        let co = key2(channel, origin.as_bytes());
                         let mut head = match heads.get(co.as_slice())? {
                             Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
                             None => 0,
                         };
+                        let seq_prefix = co_str(channel, origin);
                         while origin_seq
-                            .get(key2(&co_str(&ev.channel, &ev.origin), &head.to_be_bytes()))?
+                            .get(key2(&seq_prefix, &head.to_be_bytes()))?
                             .is_some()
                         {
                             head += 1;

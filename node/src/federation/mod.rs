@@ -18,7 +18,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
 use hearth_client_api::ErrorCode;
 use hearth_federation::clock::wall_ms;
 use hearth_federation::event::{MembershipAction, home_server, user_server};
@@ -47,6 +49,14 @@ const MISBEHAVIOUR_WINDOW: Duration = Duration::from_secs(60);
 /// How long a misbehaving peer stays cut off.
 const BAN_TIME: Duration = Duration::from_secs(600);
 /// Outbox retry delays.
+/// A push that came back: its outbox entries, in the order of its events, and the answer.
+struct PushOutcome {
+    keys: Vec<Vec<u8>>,
+    response: Result<FedResponse, ApiError>,
+}
+
+/// Pushes to one server in flight at once (see `Federation::deliver`).
+const PUSHES_IN_FLIGHT: usize = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Descriptors are valid this long.
@@ -887,84 +897,59 @@ impl Federation {
 
     // ---- the outbox ----
 
+    /// Delivers `dest`'s outbox, oldest first, with up to [`PUSHES_IN_FLIGHT`] pushes
+    /// in flight: each round trip includes the receiver's verification, write and
+    /// flush, so one at a time left both servers idle most of the time. When a push
+    /// fails or has events refused for now, the pushes still in flight land, and
+    /// delivery starts again from the oldest entry left, after a backoff.
     async fn deliver(self, dest: String, wake: Arc<Notify>) {
         let mut backoff = BACKOFF_MIN;
         let mut stop = self.shared.stop.clone();
+        let mut in_flight: FuturesOrdered<BoxFuture<'static, PushOutcome>> = FuturesOrdered::new();
+        // The newest outbox entry in flight; the next push starts after it.
+        let mut sent_upto: Option<Vec<u8>> = None;
         loop {
-            let entries = match self.shared.store.outbox(&dest, MAX_EVENTS_PER_MESSAGE) {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(error = %e, "outbox unreadable");
-                    Vec::new()
-                }
-            };
-            if entries.is_empty() {
+            while in_flight.len() < PUSHES_IN_FLIGHT {
+                let Some(push) = self.next_push(&dest, sent_upto.as_deref()).await else {
+                    // Only at shutdown (or a bug): let the next wake start a fresh worker.
+                    warn!(server = %dest, "outbox worker stopped");
+                    self.shared
+                        .outboxes
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&dest);
+                    return;
+                };
+                let Some((upto, keys, events)) = push else {
+                    break;
+                };
+                sent_upto = Some(upto);
+                let this = self.clone();
+                let to = dest.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let response = this.push(&to, events).await;
+                    PushOutcome { keys, response }
+                }));
+            }
+            if in_flight.is_empty() {
                 tokio::select! {
                     _ = wake.notified() => continue,
                     _ = stop.changed() => return,
                 }
             }
-            // Reading and signing up to a full push is CPU work; keep it off the
-            // runtime's worker threads.
-            let this = self.clone();
-            let Ok((keys, events)) = tokio::task::spawn_blocking(move || {
-                let mut keys = Vec::new();
-                let mut events = Vec::new();
-                for (key, id) in entries {
-                    if let Ok(Some(stored)) = this.shared.store.event(&id) {
-                        events.push(this.outgoing(stored.event));
-                    }
-                    keys.push(key);
-                }
-                (keys, events)
-            })
-            .await
-            else {
-                // Only at shutdown (or a bug): let the next wake start a fresh worker.
-                warn!(server = %dest, "outbox worker stopped");
-                self.shared
-                    .outboxes
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&dest);
-                return;
+            let outcome = tokio::select! {
+                Some(outcome) = in_flight.next() => outcome,
+                _ = wake.notified(), if in_flight.len() < PUSHES_IN_FLIGHT => continue,
+                _ = stop.changed() => return,
             };
-            let pushed = match self.push(&dest, events).await {
-                Ok(FedResponse::Pushed { accepted, refused }) => {
-                    let retry: BTreeSet<u32> = refused
-                        .iter()
-                        .filter(|(_, r)| r.starts_with("retry:"))
-                        .map(|(i, _)| *i)
-                        .collect();
-                    for (i, reason) in refused.iter().filter(|(i, _)| !retry.contains(i)) {
-                        warn!(server = %dest, index = i, %reason, "the other server refused an event for good");
-                    }
-                    self.shared
-                        .metrics
-                        .federation_out
-                        .inc_by(u64::from(accepted));
-                    let done: Vec<Vec<u8>> = keys
-                        .into_iter()
-                        .enumerate()
-                        .filter(|(i, _)| !retry.contains(&(*i as u32)))
-                        .map(|(_, k)| k)
-                        .collect();
-                    let _ = self.shared.store.outbox_done(&done);
-                    retry.is_empty()
-                }
-                Ok(other) => {
-                    debug!(server = %dest, ?other, "push not taken");
-                    false
-                }
-                Err(e) => {
-                    debug!(server = %dest, error = %e, "push failed; will retry");
-                    false
-                }
-            };
-            if pushed {
+            if self.settle(&dest, outcome) {
                 backoff = BACKOFF_MIN;
                 continue;
             }
+            while let Some(outcome) = in_flight.next().await {
+                self.settle(&dest, outcome);
+            }
+            sent_upto = None;
             // Exponential backoff with jitter, so restarted servers are not hit by
             // every peer at the same instant.
             let jitter = Duration::from_millis(u64::from(wall_ms() as u32 % 100));
@@ -974,6 +959,91 @@ impl Federation {
                 _ = stop.changed() => return,
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// The next push for `dest`: up to a full push of outbox entries after `after`,
+    /// read and signed on a blocking thread (CPU work). `Some(None)` when there is
+    /// nothing more; `None` if the blocking thread could not run (shutdown).
+    async fn next_push(
+        &self,
+        dest: &str,
+        after: Option<&[u8]>,
+    ) -> Option<Option<(Vec<u8>, Vec<Vec<u8>>, Vec<String>)>> {
+        let entries = match self
+            .shared
+            .store
+            .outbox_after(dest, after, MAX_EVENTS_PER_MESSAGE)
+        {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "outbox unreadable");
+                Vec::new()
+            }
+        };
+        let Some((upto, _)) = entries.last() else {
+            return Some(None);
+        };
+        let upto = upto.clone();
+        let this = self.clone();
+        let (keys, events, gone) = tokio::task::spawn_blocking(move || {
+            let mut keys = Vec::new();
+            let mut events = Vec::new();
+            let mut gone = Vec::new();
+            for (key, id) in entries {
+                match this.shared.store.event(&id) {
+                    Ok(Some(stored)) => {
+                        events.push(this.outgoing(stored.event));
+                        keys.push(key);
+                    }
+                    _ => gone.push(key),
+                }
+            }
+            (keys, events, gone)
+        })
+        .await
+        .ok()?;
+        if !gone.is_empty() {
+            let _ = self.shared.store.outbox_done(&gone);
+        }
+        Some(Some((upto, keys, events)))
+    }
+
+    /// Removes what a push delivered (or what was refused for good) from the outbox;
+    /// true if nothing of it needs sending again.
+    fn settle(&self, dest: &str, outcome: PushOutcome) -> bool {
+        let PushOutcome { keys, response } = outcome;
+        match response {
+            Ok(FedResponse::Pushed { accepted, refused }) => {
+                let retry: BTreeSet<u32> = refused
+                    .iter()
+                    .filter(|(_, r)| r.starts_with("retry:"))
+                    .map(|(i, _)| *i)
+                    .collect();
+                for (i, reason) in refused.iter().filter(|(i, _)| !retry.contains(i)) {
+                    warn!(server = %dest, index = i, %reason, "the other server refused an event for good");
+                }
+                self.shared
+                    .metrics
+                    .federation_out
+                    .inc_by(u64::from(accepted));
+                let done: Vec<Vec<u8>> = keys
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| !retry.contains(&(*i as u32)))
+                    .map(|(_, k)| k)
+                    .collect();
+                let _ = self.shared.store.outbox_done(&done);
+                retry.is_empty()
+            }
+            Ok(other) => {
+                debug!(server = %dest, ?other, "push not taken");
+                false
+            }
+            Err(e) => {
+                debug!(server = %dest, error = %e, "push failed; will retry");
+                false
+            }
         }
     }
 
