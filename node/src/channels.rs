@@ -886,6 +886,20 @@ impl Channels {
     /// Stages queued sends, round after round, until none are left. Runs on a
     /// blocking thread: staging is synchronous work under the write lock.
     fn drain_sends(&self, runtime: &tokio::runtime::Handle) {
+        // If staging ever panicked, the queue must not stay marked as drained by a
+        // thread that is gone: every later send would wait forever.
+        struct Drainer<'a>(&'a Mutex<SendQueue>);
+        impl Drop for Drainer<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                    queue.draining = false;
+                    // Their senders get an error rather than an answer.
+                    queue.waiting.clear();
+                }
+            }
+        }
+        let _drainer = Drainer(&self.sends);
         loop {
             let sends = {
                 let mut queue = self.sends.lock().unwrap_or_else(|e| e.into_inner());
