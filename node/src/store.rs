@@ -725,33 +725,20 @@ impl Store {
         Ok(out)
     }
 
-    /// The oldest `limit` outbox entries for `dest`: `(entry key, event id)`.
-    pub fn outbox(&self, dest: &str, limit: usize) -> StoreResult<Vec<(Vec<u8>, String)>> {
-        self.destseq_outbox
-            .scan_prefix(prefix(dest))
-            .take(limit)
-            .map(|r| {
-                let (k, v) = r?;
-                Ok((k.to_vec(), suffix_str("destseq_outbox", &v, 0)?))
-            })
-            .collect()
-    }
-
-    /// Up to `limit` outbox entries for `dest` after the entry `after` (from the
-    /// oldest if `None`).
-    pub fn outbox_after(
+    /// Up to `limit` outbox entries for `dest`, oldest first, after the entry `after`
+    /// (from the oldest if `None`): `(entry key, event id)`.
+    pub fn outbox(
         &self,
         dest: &str,
         after: Option<&[u8]>,
         limit: usize,
     ) -> StoreResult<Vec<(Vec<u8>, String)>> {
-        let Some(after) = after else {
-            return self.outbox(dest, limit);
-        };
         let p = prefix(dest);
-        let mut start = after.to_vec();
-        // The smallest key after `after`.
-        start.push(0);
+        let start = match after {
+            // The smallest key after `after`.
+            Some(after) => [after, &[0]].concat(),
+            None => p.clone(),
+        };
         self.destseq_outbox
             .range(start..)
             .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(&p)))

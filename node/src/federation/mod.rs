@@ -49,6 +49,20 @@ const MISBEHAVIOUR_WINDOW: Duration = Duration::from_secs(60);
 /// How long a misbehaving peer stays cut off.
 const BAN_TIME: Duration = Duration::from_secs(600);
 /// Outbox retry delays.
+/// What an outbox worker does next.
+enum NextPush {
+    /// Push these events; `keys` are their outbox entries, `upto` the newest.
+    Ready {
+        upto: Vec<u8>,
+        keys: Vec<Vec<u8>>,
+        events: Vec<String>,
+    },
+    /// The outbox holds nothing more to send now.
+    Nothing,
+    /// The worker cannot go on (the runtime is shutting down).
+    Stopped,
+}
+
 /// A push that came back: its outbox entries, in the order of its events, and the answer.
 struct PushOutcome {
     keys: Vec<Vec<u8>>,
@@ -910,18 +924,19 @@ impl Federation {
         let mut sent_upto: Option<Vec<u8>> = None;
         loop {
             while in_flight.len() < PUSHES_IN_FLIGHT {
-                let Some(push) = self.next_push(&dest, sent_upto.as_deref()).await else {
-                    // Only at shutdown (or a bug): let the next wake start a fresh worker.
-                    warn!(server = %dest, "outbox worker stopped");
-                    self.shared
-                        .outboxes
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&dest);
-                    return;
-                };
-                let Some((upto, keys, events)) = push else {
-                    break;
+                let (upto, keys, events) = match self.next_push(&dest, sent_upto.as_deref()).await {
+                    NextPush::Ready { upto, keys, events } => (upto, keys, events),
+                    NextPush::Nothing => break,
+                    NextPush::Stopped => {
+                        // Only at shutdown (or a bug): let the next wake start a fresh worker.
+                        warn!(server = %dest, "outbox worker stopped");
+                        self.shared
+                            .outboxes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&dest);
+                        return;
+                    }
                 };
                 sent_upto = Some(upto);
                 let this = self.clone();
@@ -963,17 +978,12 @@ impl Federation {
     }
 
     /// The next push for `dest`: up to a full push of outbox entries after `after`,
-    /// read and signed on a blocking thread (CPU work). `Some(None)` when there is
-    /// nothing more; `None` if the blocking thread could not run (shutdown).
-    async fn next_push(
-        &self,
-        dest: &str,
-        after: Option<&[u8]>,
-    ) -> Option<Option<(Vec<u8>, Vec<Vec<u8>>, Vec<String>)>> {
+    /// read and signed on a blocking thread (CPU work).
+    async fn next_push(&self, dest: &str, after: Option<&[u8]>) -> NextPush {
         let entries = match self
             .shared
             .store
-            .outbox_after(dest, after, MAX_EVENTS_PER_MESSAGE)
+            .outbox(dest, after, MAX_EVENTS_PER_MESSAGE)
         {
             Ok(e) => e,
             Err(e) => {
@@ -981,32 +991,38 @@ impl Federation {
                 Vec::new()
             }
         };
-        let Some((upto, _)) = entries.last() else {
-            return Some(None);
-        };
-        let upto = upto.clone();
+        if entries.is_empty() {
+            return NextPush::Nothing;
+        }
         let this = self.clone();
-        let (keys, events, gone) = tokio::task::spawn_blocking(move || {
-            let mut keys = Vec::new();
-            let mut events = Vec::new();
+        let Ok((read, gone)) = tokio::task::spawn_blocking(move || {
+            let mut read = Vec::new();
             let mut gone = Vec::new();
             for (key, id) in entries {
                 match this.shared.store.event(&id) {
-                    Ok(Some(stored)) => {
-                        events.push(this.outgoing(stored.event));
-                        keys.push(key);
+                    Ok(Some(stored)) => read.push((key, this.outgoing(stored.event))),
+                    Ok(None) => gone.push(key),
+                    // Left in the outbox for a later push.
+                    Err(e) => {
+                        warn!(error = %e, "outbox event unreadable");
+                        break;
                     }
-                    _ => gone.push(key),
                 }
             }
-            (keys, events, gone)
+            (read, gone)
         })
         .await
-        .ok()?;
+        else {
+            return NextPush::Stopped;
+        };
         if !gone.is_empty() {
             let _ = self.shared.store.outbox_done(&gone);
         }
-        Some(Some((upto, keys, events)))
+        let Some(upto) = read.last().map(|(key, _)| key.clone()) else {
+            return NextPush::Nothing;
+        };
+        let (keys, events) = read.into_iter().unzip();
+        NextPush::Ready { upto, keys, events }
     }
 
     /// Removes what a push delivered (or what was refused for good) from the outbox;
