@@ -1,7 +1,7 @@
 //! The session hub: which devices are connected now, and handing events to their queues.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -130,9 +130,6 @@ struct Shared {
     /// Set when the node shuts down: every session, also one attaching later, is
     /// asked to close with this code.
     closing: OnceLock<u16>,
-    /// Whether the sweeper and the shutdown watch were started (with the first
-    /// session: they need the runtime, which the hub's constructor may not have).
-    started: AtomicBool,
 }
 
 /// A cheap handle to the node's registry of live sessions.
@@ -186,7 +183,6 @@ impl Hub {
                 metrics,
                 epoch: tokio::time::Instant::now(),
                 closing: OnceLock::new(),
-                started: AtomicBool::new(false),
             }),
         }
     }
@@ -196,21 +192,15 @@ impl Hub {
         u64::try_from(ms).unwrap_or(u64::MAX)
     }
 
-    /// Starts, once, the hub's two tasks: the sweeper that wakes sessions past
-    /// their heartbeat deadline, and the watch that closes every session when
-    /// `shutdown` turns true. One task each for the node instead of a timer and a
-    /// shutdown waiter in every session. Both hold the hub weakly and end with it.
-    fn start(&self, shutdown: &watch::Receiver<bool>) {
-        if self.shared.started.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            self.shared.started.store(false, Ordering::Release);
-            return;
-        };
+    /// Starts the hub's two tasks (once, when the node opens): the sweeper that
+    /// wakes sessions past their heartbeat deadline, and the watch that closes every
+    /// session when `shutdown` turns true. One task each for the node instead of a
+    /// timer and a shutdown waiter in every session. Both hold the hub weakly and end
+    /// with it.
+    pub fn start(&self, shutdown: watch::Receiver<bool>) {
         let weak = Arc::downgrade(&self.shared);
-        rt.spawn(sweep(weak.clone()));
-        rt.spawn(close_on_shutdown(weak, shutdown.clone()));
+        tokio::spawn(sweep(weak.clone()));
+        tokio::spawn(close_on_shutdown(weak, shutdown));
     }
 
     /// Asks every session, and any that attaches later, to close with `code`.
@@ -232,15 +222,8 @@ impl Hub {
     }
 
     /// Registers a connected device whose session times out `timeout` from now
-    /// unless it hears from the client, and closes when `shutdown` turns true.
-    pub fn attach(
-        &self,
-        user: &str,
-        device: &str,
-        timeout: Duration,
-        shutdown: &watch::Receiver<bool>,
-    ) -> Attachment {
-        self.start(shutdown);
+    /// unless it hears from the client.
+    pub fn attach(&self, user: &str, device: &str, timeout: Duration) -> Attachment {
         let mailbox = Arc::new(Mailbox::default());
         let deadline = self.ms_since_epoch(tokio::time::Instant::now() + timeout);
         mailbox.deadline_ms.store(deadline, Ordering::Relaxed);

@@ -144,6 +144,7 @@ impl Node {
         let push = Push::new(&config, store.clone(), hub.clone(), metrics.clone())?;
         inboxes.set_offline_sink(Arc::new(push.clone()));
         let (stop, shutdown) = watch::channel(false);
+        hub.start(shutdown.clone());
         let federation = if config.federation_enabled() {
             Some(
                 Federation::start(

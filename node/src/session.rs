@@ -248,12 +248,9 @@ where
             Ok(c) => c,
             Err(_) => return End::Close(close::LOGGED_OUT, "logged out"),
         };
-        let attachment = svc.hub.attach(
-            &auth.user,
-            &auth.device,
-            heartbeat_timeout(svc),
-            &svc.shutdown,
-        );
+        let attachment = svc
+            .hub
+            .attach(&auth.user, &auth.device, heartbeat_timeout(svc));
         // A logout between reading the cursor and attaching kicked nobody: check again.
         if svc.accounts.cursor(auth).is_err() {
             attachment.detach(&auth.user);
