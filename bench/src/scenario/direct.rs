@@ -7,11 +7,11 @@ use anyhow::Result;
 use hearth_client_api::{Client, Target};
 use serde_json::json;
 
-use crate::cli::Env;
+use crate::cli::{Env, Subject};
 use crate::load::{
     self, Account, Merged, Pace, PeerPlan, Shared, Until, connect, register_many, run_tag,
 };
-use crate::metrics::NodeMetrics;
+use crate::metrics::{HistogramSummary, NodeMetrics};
 use crate::plot::Plot;
 use crate::report::{Report, per_sec};
 use crate::scenario::{counts, load_plot, metric_rows, spread};
@@ -219,22 +219,40 @@ pub(crate) fn latency_rows(
     json!({ "ack_latency": ack, "delivery_latency": delivery })
 }
 
-/// `direct`.
-pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
+/// `direct` and `max` on one node: its pairs, the load, and the node's histograms
+/// over it.
+async fn one_node_pairs(
+    env: &Env,
+    n: usize,
+    pace: PairPace,
+    secs: f64,
+    body_bytes: usize,
+) -> Result<(
+    Subject,
+    Merged,
+    f64,
+    Vec<crate::system::CpuUse>,
+    Vec<(&'static str, HistogramSummary)>,
+)> {
     let subject = env.subject()?;
     let client = subject.client()?;
     let ws = subject.ws_url();
-    let pairs = make_pairs(env, (&client, &ws), (&client, &ws), args.pairs).await?;
+    let pairs = make_pairs(env, (&client, &ws), (&client, &ws), n).await?;
     let pids: Vec<u32> = subject.pid.into_iter().collect();
     let node_metrics = NodeMetrics::start(&subject.url).await;
-    let (mut m, secs, cpu) = pair_load(
+    let (m, secs, cpu) = pair_load(env, &pairs, pace, secs, body_bytes, &pids, DRAIN).await?;
+    let histograms = node_metrics.stop().await;
+    Ok((subject, m, secs, cpu, histograms))
+}
+
+/// `direct`.
+pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
+    let (subject, mut m, secs, cpu, histograms) = one_node_pairs(
         env,
-        &pairs,
+        args.pairs,
         PairPace::Rate(args.rate),
         args.secs,
         args.body_bytes,
-        &pids,
-        DRAIN,
     )
     .await?;
     let mut report = Report::new(
@@ -245,7 +263,7 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
     let c = counts(&mut report, &m, m.acked, secs);
     // The target is for 10,000 msg/s; shown at every rate for comparison.
     let l = latency_rows(&mut report, &mut m, Some(5.0));
-    let n = metric_rows(&mut report, node_metrics.stop().await);
+    let n = metric_rows(&mut report, histograms);
     report.cpu = cpu.into_iter().next();
     report.node_rss_kib = subject.pid.and_then(rss_kib);
     report.results = json!({ "counts": c, "latency": l, "node_metrics": n });
@@ -265,20 +283,12 @@ fn args_json(a: &Args) -> serde_json::Value {
 
 /// `max`.
 pub async fn run_max(env: &Env, args: &MaxArgs) -> Result<(Report, Option<Plot>)> {
-    let subject = env.subject()?;
-    let client = subject.client()?;
-    let ws = subject.ws_url();
-    let pairs = make_pairs(env, (&client, &ws), (&client, &ws), args.pairs).await?;
-    let pids: Vec<u32> = subject.pid.into_iter().collect();
-    let node_metrics = NodeMetrics::start(&subject.url).await;
-    let (mut m, secs, cpu) = pair_load(
+    let (subject, mut m, secs, cpu, histograms) = one_node_pairs(
         env,
-        &pairs,
+        args.pairs,
         PairPace::Window(args.window),
         args.secs,
         args.body_bytes,
-        &pids,
-        DRAIN,
     )
     .await?;
     let mut report = Report::new(
@@ -299,7 +309,7 @@ pub async fn run_max(env: &Env, args: &MaxArgs) -> Result<(Report, Option<Plot>)
         rate >= 50_000.0 && lost == 0 && m.closed.is_empty(),
     );
     let l = latency_rows(&mut report, &mut m, None);
-    let n = metric_rows(&mut report, node_metrics.stop().await);
+    let n = metric_rows(&mut report, histograms);
     let cpu = cpu.into_iter().next();
     if let Some(node_s) = cpu.as_ref().and_then(|c| c.node_cpu_s)
         && m.acked > 0
