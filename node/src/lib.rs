@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: typed settings (defaults, file, environment, flags).
-//! - [`store`]: the only module that touches sled; typed records in trees named by key layout.
+//! - [`store`]: the only module that touches the key-value engine (fjall); typed records in keyspaces named by key layout.
 //! - [`accounts`]: registration, password login, devices and their tokens and cursors.
 //! - [`channels`]: direct chats and groups, membership events, sending, history.
 //! - [`sync`]: stream positions, group-committed writes, backlog for reconnecting devices.
@@ -240,6 +240,10 @@ impl Node {
         if flusher.await.is_err() {
             warn!("the store flusher ended abnormally");
         }
+        // Writing the journal out to tables now is what makes the next start quick.
+        if let Err(e) = svc.store.checkpoint().await {
+            warn!(error = %e, "store checkpoint at stop failed; the next start replays the journal");
+        }
         info!("stopped");
         served
     }
@@ -252,7 +256,7 @@ impl Node {
         }
         self.svc.inboxes.stop();
         let _ = self.flusher.await;
-        self.svc.store.flush().await?;
+        self.svc.store.checkpoint().await?;
         Ok(())
     }
 }

@@ -1,31 +1,32 @@
-//! The store: every byte the node keeps, in sled trees named after their key layout.
+//! The store: every byte the node keeps, in keyspaces named after their key layout.
 //!
-//! Only this module touches sled. It holds no chat rules: services decide, the
-//! store reads and writes typed records. Composite keys join their parts with a
-//! 0x00 byte, which no user id, device id or channel id contains, so a prefix
-//! scan over `a\0` finds exactly the entries of `a`. Numbers in keys are
-//! big-endian so byte order is numeric order.
-
-use std::path::Path;
+//! Only this module touches the disk, through `engine` (fjall). It holds no chat
+//! rules: services decide, the store reads and writes typed records. Composite keys
+//! join their parts with a 0x00 byte, which no user id, device id or channel id
+//! contains, so a prefix scan over `a\0` finds exactly the entries of `a`. Numbers
+//! in keys are big-endian so byte order is numeric order.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use hearth_client_api::model::{ChannelKind, Role};
 use hearth_federation::SignedEvent;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+use engine::{Engine, Tree};
+
+mod engine;
 pub mod push;
 
 /// A store failure: the disk, or a record that does not decode.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// sled reported an error (I/O, corruption).
+    /// The engine (fjall) reported an error (I/O, corruption).
     #[error("store engine: {0}")]
-    Engine(#[from] sled::Error),
+    Engine(#[from] fjall::Error),
     /// Another process holds the store's lock file.
     #[error("store is locked by another process")]
     Locked,
@@ -194,7 +195,7 @@ pub struct PeerRecord {
     pub addrs: Vec<String>,
 }
 
-/// Changes that must land together: one multi-tree transaction.
+/// Changes that must land together: one atomic batch across keyspaces.
 #[derive(Debug, Default)]
 pub struct WriteSet {
     /// Channel records to write.
@@ -224,25 +225,27 @@ const SCHEMA_VERSION: u64 = 1;
 /// A cheap handle to the node's store.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    userid_account: sled::Tree,
-    tokenhash_device: sled::Tree,
-    userdevice_record: sled::Tree,
-    userid_lastactive: sled::Tree,
-    channelid_channel: sled::Tree,
-    channeluser_member: sled::Tree,
-    userchannel_index: sled::Tree,
-    userpair_direct: sled::Tree,
-    channelpos_event: sled::Tree,
-    eventid_location: sled::Tree,
-    userpos_inbox: sled::Tree,
-    userkey_ack: sled::Tree,
-    channelver_membership: sled::Tree,
-    channeloriginseq_event: sled::Tree,
-    channelorigin_head: sled::Tree,
-    destseq_outbox: sled::Tree,
-    servername_peer: sled::Tree,
-    meta: sled::Tree,
+    engine: Engine,
+    /// Serialises read-modify-write of account and device records.
+    records: Arc<Mutex<()>>,
+    userid_account: Tree,
+    tokenhash_device: Tree,
+    userdevice_record: Tree,
+    userid_lastactive: Tree,
+    channelid_channel: Tree,
+    channeluser_member: Tree,
+    userchannel_index: Tree,
+    userpair_direct: Tree,
+    channelpos_event: Tree,
+    eventid_location: Tree,
+    userpos_inbox: Tree,
+    userkey_ack: Tree,
+    channelver_membership: Tree,
+    channeloriginseq_event: Tree,
+    channelorigin_head: Tree,
+    destseq_outbox: Tree,
+    servername_peer: Tree,
+    meta: Tree,
     push: push::PushTrees,
 }
 
@@ -293,19 +296,21 @@ fn u64_of(tree: &'static str, bytes: &[u8]) -> StoreResult<u64> {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> StoreResult<Store> {
-        let db = sled::Config::new()
-            .path(dir.join("store"))
-            // Durability comes from explicit group-commit flushes; the background
-            // flush only bounds how much unacknowledged work a crash can lose.
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
-                    StoreError::Locked
-                }
-                other => StoreError::Engine(other),
-            })?;
-        let t = |name: &str| db.open_tree(name);
+        let path = dir.join("store");
+        // Stores written before decision 36 are sled's; fjall would not recognise
+        // them and would start over beside them, which looks like lost history.
+        if path.join("conf").is_file() && path.join("db").is_file() {
+            return Err(StoreError::Corrupt {
+                tree: "store",
+                detail: format!(
+                    "{} holds a store from an earlier Hearth pre-release (sled); this build \
+                     cannot read it. Move it aside to start with an empty store",
+                    path.display()
+                ),
+            });
+        }
+        let engine = Engine::open(&path)?;
+        let t = |name: &'static str| engine.tree(name);
         let store = Store {
             userid_account: t("userid_account")?,
             tokenhash_device: t("tokenhash_device")?,
@@ -325,14 +330,15 @@ impl Store {
             destseq_outbox: t("destseq_outbox")?,
             servername_peer: t("servername_peer")?,
             meta: t("meta")?,
-            push: push::PushTrees::open(&db)?,
-            db,
+            push: push::PushTrees::open(&engine)?,
+            records: Arc::default(),
+            engine,
         };
         match store.meta.get(META_SCHEMA)? {
             None => {
                 store
                     .meta
-                    .insert(META_SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
+                    .insert(META_SCHEMA, SCHEMA_VERSION.to_be_bytes())?;
             }
             Some(v) if u64_of("meta", &v)? == SCHEMA_VERSION => {}
             Some(v) => {
@@ -350,8 +356,25 @@ impl Store {
 
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> StoreResult<()> {
-        self.db.flush_async().await?;
-        Ok(())
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.persist())
+            .await
+            .map_err(|e| StoreError::Corrupt {
+                tree: "journal",
+                detail: format!("flush task failed: {e}"),
+            })?
+    }
+
+    /// Makes everything durable and writes it out of the journal, so the next
+    /// start replays nothing. Called on a graceful stop.
+    pub async fn checkpoint(&self) -> StoreResult<()> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.checkpoint())
+            .await
+            .map_err(|e| StoreError::Corrupt {
+                tree: "journal",
+                detail: format!("checkpoint task failed: {e}"),
+            })?
     }
 
     // ---- accounts and devices ----
@@ -366,14 +389,17 @@ impl Store {
 
     /// Creates an account; false if the name is taken.
     pub fn create_account(&self, localpart: &str, rec: &AccountRecord) -> StoreResult<bool> {
-        Ok(self
-            .userid_account
-            .compare_and_swap(localpart, None as Option<&[u8]>, Some(encode(rec)))?
-            .is_ok())
+        let _records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        if self.userid_account.contains_key(localpart)? {
+            return Ok(false);
+        }
+        self.userid_account.insert(localpart, encode(rec))?;
+        Ok(true)
     }
 
     /// Overwrites an account.
     pub fn put_account(&self, localpart: &str, rec: &AccountRecord) -> StoreResult<()> {
+        let _records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         self.userid_account.insert(localpart, encode(rec))?;
         Ok(())
     }
@@ -406,27 +432,31 @@ impl Store {
             user: user.into(),
             device: device.into(),
         };
-        let res: Result<(), TransactionError<()>> =
-            (&self.userdevice_record, &self.tokenhash_device).transaction(|(records, tokens)| {
-                records.insert(key2(user, device.as_bytes()), encode(rec))?;
-                tokens.insert(rec.token_hash.as_bytes(), encode(&owner))?;
-                Ok(())
-            });
-        tx_result(res)
+        let _records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.engine.atomic();
+        w.insert(
+            &self.userdevice_record,
+            key2(user, device.as_bytes()),
+            encode(rec),
+        );
+        w.insert(
+            &self.tokenhash_device,
+            rec.token_hash.as_bytes(),
+            encode(&owner),
+        );
+        w.commit()
     }
 
     /// Removes a device and its token; returns the removed record.
     pub fn remove_device(&self, user: &str, device: &str) -> StoreResult<Option<DeviceRecord>> {
+        let _records = self.records.lock().unwrap_or_else(|e| e.into_inner());
         let Some(rec) = self.device(user, device)? else {
             return Ok(None);
         };
-        let res: Result<(), TransactionError<()>> =
-            (&self.userdevice_record, &self.tokenhash_device).transaction(|(records, tokens)| {
-                records.remove(key2(user, device.as_bytes()))?;
-                tokens.remove(rec.token_hash.as_bytes())?;
-                Ok(())
-            });
-        tx_result(res)?;
+        let mut w = self.engine.atomic();
+        w.remove(&self.userdevice_record, key2(user, device.as_bytes()));
+        w.remove(&self.tokenhash_device, rec.token_hash.as_bytes());
+        w.commit()?;
         Ok(Some(rec))
     }
 
@@ -455,20 +485,18 @@ impl Store {
 
     /// Moves a device's cursor forward (never back); false if the device is gone.
     pub fn advance_cursor(&self, user: &str, device: &str, pos: u64) -> StoreResult<bool> {
-        let mut found = false;
-        self.userdevice_record
-            .fetch_and_update(key2(user, device.as_bytes()), |old| {
-                let old = old?;
-                found = true;
-                match serde_json::from_slice::<DeviceRecord>(old) {
-                    Ok(mut rec) if rec.cursor < pos => {
-                        rec.cursor = pos;
-                        Some(encode(&rec))
-                    }
-                    _ => Some(old.to_vec()),
-                }
-            })?;
-        Ok(found)
+        let _records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        let key = key2(user, device.as_bytes());
+        let Some(old) = self.userdevice_record.get(&key)? else {
+            return Ok(false);
+        };
+        if let Ok(mut rec) = serde_json::from_slice::<DeviceRecord>(&old)
+            && rec.cursor < pos
+        {
+            rec.cursor = pos;
+            self.userdevice_record.insert(&key, encode(&rec))?;
+        }
+        Ok(true)
     }
 
     /// When the user was last active.
@@ -481,7 +509,7 @@ impl Store {
 
     /// Records the user's last activity.
     pub fn set_last_active(&self, user: &str, ts: u64) -> StoreResult<()> {
-        self.userid_lastactive.insert(user, &ts.to_be_bytes())?;
+        self.userid_lastactive.insert(user, ts.to_be_bytes())?;
         Ok(())
     }
 
@@ -523,8 +551,7 @@ impl Store {
         let p = prefix(user);
         self.userchannel_index
             .scan_prefix(&p)
-            .keys()
-            .map(|k| suffix_str("userchannel_index", &k?, p.len()))
+            .map(|r| suffix_str("userchannel_index", &r?.0, p.len()))
             .collect()
     }
 
@@ -586,7 +613,7 @@ impl Store {
 
     /// Whether an event with this id is stored.
     pub fn has_event(&self, event_id: &str) -> StoreResult<bool> {
-        Ok(self.eventid_location.contains_key(event_id)?)
+        self.eventid_location.contains_key(event_id)
     }
 
     /// A user's inbox entries with positions in `(after, upto]`, oldest first, at most
@@ -706,16 +733,15 @@ impl Store {
     pub fn channel_ids(&self) -> StoreResult<Vec<String>> {
         self.channelid_channel
             .iter()
-            .keys()
-            .map(|k| suffix_str("channelid_channel", &k?, 0))
+            .map(|r| suffix_str("channelid_channel", &r?.0, 0))
             .collect()
     }
 
     /// Servers with events waiting in their outbox.
     pub fn outbox_destinations(&self) -> StoreResult<Vec<String>> {
         let mut out: Vec<String> = Vec::new();
-        for k in self.destseq_outbox.iter().keys() {
-            let k = k?;
+        for r in self.destseq_outbox.iter() {
+            let (k, _) = r?;
             let end = k.iter().position(|&b| b == 0).unwrap_or(k.len());
             let dest = suffix_str("destseq_outbox", k.get(..end).unwrap_or(&[]), 0)?;
             if out.last() != Some(&dest) {
@@ -752,12 +778,11 @@ impl Store {
 
     /// Removes delivered outbox entries.
     pub fn outbox_done(&self, keys: &[Vec<u8>]) -> StoreResult<()> {
-        let mut batch = sled::Batch::default();
+        let mut w = self.engine.atomic();
         for k in keys {
-            batch.remove(k.as_slice());
+            w.remove(&self.destseq_outbox, k);
         }
-        self.destseq_outbox.apply_batch(batch)?;
-        Ok(())
+        w.commit()
     }
 
     /// What this node pinned for a server name.
@@ -798,8 +823,8 @@ impl Store {
     }
 
     /// Applies a write set atomically: after a crash either all of it is there or none.
-    pub fn apply(&self, w: &WriteSet) -> StoreResult<()> {
-        let events: Vec<(Vec<u8>, Vec<u8>, &StoredEvent)> = w
+    pub fn apply(&self, ws: &WriteSet) -> StoreResult<()> {
+        let events: Vec<(Vec<u8>, Vec<u8>, &StoredEvent)> = ws
             .events
             .iter()
             .map(|ev| {
@@ -814,7 +839,7 @@ impl Store {
             Some(v) => u64_of("meta", &v)?,
             None => 0,
         };
-        let outbox: Vec<(Vec<u8>, &str)> = w
+        let outbox: Vec<(Vec<u8>, &str)> = ws
             .outbox
             .iter()
             .map(|(dest, id)| {
@@ -822,7 +847,7 @@ impl Store {
                 (key2(dest, &outbox_seq.to_be_bytes()), id.as_str())
             })
             .collect();
-        let inbox: Vec<(Vec<u8>, Vec<u8>)> = w
+        let inbox: Vec<(Vec<u8>, Vec<u8>)> = ws
             .inbox
             .iter()
             .map(|(user, spos, channel, cpos)| {
@@ -832,115 +857,84 @@ impl Store {
                 )
             })
             .collect();
-        let res: Result<(), TransactionError<()>> = (
-            &self.channelid_channel,
-            &self.channeluser_member,
-            &self.userchannel_index,
-            &self.userpair_direct,
-            &self.channelpos_event,
-            &self.eventid_location,
-            &self.userpos_inbox,
-            &self.userkey_ack,
-            &self.meta,
-            &self.channelver_membership,
-            &self.channeloriginseq_event,
-            &self.channelorigin_head,
-            &self.destseq_outbox,
-        )
-            .transaction(
-                |(
-                    channels,
-                    members,
-                    index,
-                    pairs,
-                    evs,
-                    locations,
-                    inboxes,
-                    acks,
-                    meta,
-                    membership_log,
-                    origin_seq,
-                    heads,
-                    outboxes,
-                )| {
-                    for (id, rec) in &w.channels {
-                        channels.insert(id.as_bytes(), encode(rec))?;
-                    }
-                    for (channel, user, rec) in &w.members {
-                        let mk = key2(channel, user.as_bytes());
-                        let ik = key2(user, channel.as_bytes());
-                        match rec {
-                            Some(rec) => {
-                                members.insert(mk, encode(rec))?;
-                                index.insert(ik, &[])?;
-                            }
-                            None => {
-                                members.remove(mk)?;
-                                index.remove(ik)?;
-                            }
-                        }
-                    }
-                    for (a, b, channel) in &w.direct_pairs {
-                        pairs.insert(pair_key(a, b), channel.as_bytes())?;
-                    }
-                    // Heads move once per channel and origin of the write set, after all
-                    // its events are in: a round of sends has many per channel.
-                    let mut moved: BTreeSet<(&str, &str)> = BTreeSet::new();
-                    for (key, value, stored) in &events {
-                        let ev = &stored.event;
-                        evs.insert(key.as_slice(), value.as_slice())?;
-                        locations.insert(stored.id.as_bytes(), key.as_slice())?;
-                        if let hearth_federation::event::EventContent::Membership {
-                            version, ..
-                        } = &ev.content
-                        {
-                            membership_log.insert(
-                                key2(&ev.channel, &version.to_be_bytes()),
-                                key.as_slice(),
-                            )?;
-                        }
-                        origin_seq.insert(
-                            key2(&co_str(&ev.channel, &ev.origin), &ev.seq.to_be_bytes()),
-                            key.as_slice(),
-                        )?;
-                        moved.insert((ev.channel.as_str(), ev.origin.as_str()));
-                    }
-                    for (channel, origin) in &moved {
-                        // The head is the next sequence this server expects from the origin
-                        // in the channel: it moves over every event held without a gap.
-                        let co = key2(channel, origin.as_bytes());
-                        let mut head = match heads.get(co.as_slice())? {
-                            Some(v) => u64::from_be_bytes(v.as_ref().try_into().unwrap_or([0; 8])),
-                            None => 0,
-                        };
-                        let seq_prefix = co_str(channel, origin);
-                        while origin_seq
-                            .get(key2(&seq_prefix, &head.to_be_bytes()))?
-                            .is_some()
-                        {
-                            head += 1;
-                        }
-                        heads.insert(co.as_slice(), &head.to_be_bytes())?;
-                    }
-                    for (key, id) in &outbox {
-                        outboxes.insert(key.as_slice(), id.as_bytes())?;
-                    }
-                    if !outbox.is_empty() {
-                        meta.insert(META_OUTBOX_SEQ, &outbox_seq.to_be_bytes())?;
-                    }
-                    for (key, location) in &inbox {
-                        inboxes.insert(key.as_slice(), location.as_slice())?;
-                    }
-                    for (user, key, ack) in &w.acks {
-                        acks.insert(key2(user, key.as_bytes()), encode(ack))?;
-                    }
-                    if let Some(pos) = w.stream_pos {
-                        meta.insert(META_STREAM_POS, &pos.to_be_bytes())?;
-                    }
-                    Ok::<(), ConflictableTransactionError<()>>(())
-                },
-            );
-        tx_result(res)
+        // Callers apply one write set at a time (the inbox writer's lock), so what
+        // is read here cannot change before the batch lands.
+        let mut w = self.engine.atomic();
+        for (id, rec) in &ws.channels {
+            w.insert(&self.channelid_channel, id, encode(rec));
+        }
+        for (channel, user, rec) in &ws.members {
+            let mk = key2(channel, user.as_bytes());
+            let ik = key2(user, channel.as_bytes());
+            match rec {
+                Some(rec) => {
+                    w.insert(&self.channeluser_member, mk, encode(rec));
+                    w.insert(&self.userchannel_index, ik, []);
+                }
+                None => {
+                    w.remove(&self.channeluser_member, mk);
+                    w.remove(&self.userchannel_index, ik);
+                }
+            }
+        }
+        for (a, b, channel) in &ws.direct_pairs {
+            w.insert(&self.userpair_direct, pair_key(a, b), channel);
+        }
+        // Heads move once per channel and origin of the write set, after all its
+        // events are in: a round of sends has many per channel.
+        let mut moved: BTreeSet<(&str, &str)> = BTreeSet::new();
+        let mut new_seqs: BTreeSet<Vec<u8>> = BTreeSet::new();
+        for (key, value, stored) in &events {
+            let ev = &stored.event;
+            w.insert(&self.channelpos_event, key, value);
+            w.insert(&self.eventid_location, &stored.id, key);
+            if let hearth_federation::event::EventContent::Membership { version, .. } = &ev.content
+            {
+                w.insert(
+                    &self.channelver_membership,
+                    key2(&ev.channel, &version.to_be_bytes()),
+                    key,
+                );
+            }
+            let seq_key = key2(&co_str(&ev.channel, &ev.origin), &ev.seq.to_be_bytes());
+            w.insert(&self.channeloriginseq_event, &seq_key, key);
+            new_seqs.insert(seq_key);
+            moved.insert((ev.channel.as_str(), ev.origin.as_str()));
+        }
+        for (channel, origin) in &moved {
+            // The head is the next sequence this server expects from the origin in
+            // the channel: it moves over every event held without a gap.
+            let co = key2(channel, origin.as_bytes());
+            let mut head = match self.channelorigin_head.get(&co)? {
+                Some(v) => u64_of("channelorigin_head", &v)?,
+                None => 0,
+            };
+            let seq_prefix = co_str(channel, origin);
+            loop {
+                let k = key2(&seq_prefix, &head.to_be_bytes());
+                if !new_seqs.contains(&k) && !self.channeloriginseq_event.contains_key(&k)? {
+                    break;
+                }
+                head += 1;
+            }
+            w.insert(&self.channelorigin_head, co, head.to_be_bytes());
+        }
+        for (key, id) in &outbox {
+            w.insert(&self.destseq_outbox, key, id);
+        }
+        if !outbox.is_empty() {
+            w.insert(&self.meta, META_OUTBOX_SEQ, outbox_seq.to_be_bytes());
+        }
+        for (key, location) in &inbox {
+            w.insert(&self.userpos_inbox, key, location);
+        }
+        for (user, key, ack) in &ws.acks {
+            w.insert(&self.userkey_ack, key2(user, key.as_bytes()), encode(ack));
+        }
+        if let Some(pos) = ws.stream_pos {
+            w.insert(&self.meta, META_STREAM_POS, pos.to_be_bytes());
+        }
+        w.commit()
     }
 }
 
@@ -952,17 +946,6 @@ fn co_str(channel: &str, origin: &str) -> String {
 fn pair_key(a: &str, b: &str) -> Vec<u8> {
     let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
     key2(lo, hi.as_bytes())
-}
-
-fn tx_result(res: Result<(), TransactionError<()>>) -> StoreResult<()> {
-    match res {
-        Ok(()) => Ok(()),
-        Err(TransactionError::Storage(e)) => Err(StoreError::Engine(e)),
-        Err(TransactionError::Abort(())) => Err(StoreError::Corrupt {
-            tree: "transaction",
-            detail: "aborted".into(),
-        }),
-    }
 }
 
 #[cfg(test)]
@@ -1027,5 +1010,23 @@ mod reopen_tests {
         }
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.stream_pos().expect("pos"), 8);
+    }
+
+    #[test]
+    fn a_store_from_the_sled_builds_is_refused_with_a_reason_not_started_over() {
+        let dir = tempfile::tempdir().expect("dir");
+        let old = dir.path().join("store");
+        std::fs::create_dir_all(&old).expect("mkdir");
+        std::fs::write(old.join("conf"), b"segment_size: 524288").expect("conf");
+        std::fs::write(old.join("db"), b"old sled bytes").expect("db");
+        let err = Store::open(dir.path()).err().expect("refused");
+        assert!(
+            err.to_string().contains("earlier Hearth pre-release"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(old.join("db")).expect("still there"),
+            b"old sled bytes"
+        );
     }
 }
