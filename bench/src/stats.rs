@@ -128,6 +128,16 @@ impl Timeline {
         }
     }
 
+    /// Seconds from the start to the end of the last bucket with an event (0 if none).
+    pub fn span_secs(&self) -> f64 {
+        let used = self
+            .counts
+            .iter()
+            .rposition(|&c| c > 0)
+            .map_or(0, |i| i + 1);
+        (used as u64 * BUCKET_MS) as f64 / 1000.0
+    }
+
     /// `(seconds since start, events per second)` for each bucket.
     pub fn rate_series(&self) -> Vec<(f64, f64)> {
         let per_sec = 1000.0 / BUCKET_MS as f64;
@@ -147,6 +157,15 @@ impl Timeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeline_spans_up_to_its_last_event_not_its_empty_tail() {
+        let mut t = Timeline::default();
+        assert_eq!(t.span_secs(), 0.0);
+        t.add(50_000);
+        t.add(2_450_000);
+        assert!((t.span_secs() - 2.5).abs() < 1e-9, "{}", t.span_secs());
+    }
 
     #[test]
     fn nearest_rank_percentiles() {

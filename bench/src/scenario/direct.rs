@@ -300,7 +300,7 @@ pub async fn run_max(env: &Env, args: &MaxArgs) -> Result<(Report, Option<Plot>)
         }),
     );
     let c = counts(&mut report, &m, m.acked, secs);
-    let rate = m.delivered as f64 / secs;
+    let rate = super::delivery_rate(&m, secs);
     let lost = m.acked_never_delivered + m.acked.saturating_sub(m.delivered);
     report.against(
         "sustained 1:1 rate, nothing lost",

@@ -204,7 +204,7 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
             format!("{} in flight per sender", args.window),
         );
         let c = counts(&mut report, &mm, mm.acked, msecs);
-        let rate = mm.delivered as f64 / msecs;
+        let rate = super::delivery_rate(&mm, msecs);
         let lost = mm.acked_never_delivered + mm.acked.saturating_sub(mm.delivered);
         report.against(
             "cross-server rate, nothing lost",

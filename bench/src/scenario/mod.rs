@@ -74,7 +74,7 @@ pub(crate) fn counts(
         );
     }
     report.figure("send rate achieved", per_sec(m.sent as f64 / secs));
-    report.figure("delivery rate", per_sec(m.delivered as f64 / secs));
+    report.figure("delivery rate", per_sec(delivery_rate(m, secs)));
     json!({
         "sent": m.sent,
         "acked": m.acked,
@@ -106,6 +106,12 @@ pub(crate) fn spread(s: &Summary) -> String {
         ms(s.p999_ms),
         ms(s.max_ms)
     )
+}
+
+/// Deliveries per second over the time they took: the load's `secs`, or longer if
+/// deliveries trailed behind the sends (a backlog drains after the senders stop).
+pub(crate) fn delivery_rate(m: &Merged, secs: f64) -> f64 {
+    m.delivered as f64 / secs.max(m.delivered_timeline.span_secs())
 }
 
 /// The plot of a load: ack and delivery latency, send and delivery rates.
