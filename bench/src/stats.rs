@@ -129,13 +129,19 @@ impl Timeline {
     }
 
     /// Seconds from the start to the end of the last bucket with an event (0 if none).
-    pub fn span_secs(&self) -> f64 {
+    pub fn end_secs(&self) -> f64 {
         let used = self
             .counts
             .iter()
             .rposition(|&c| c > 0)
             .map_or(0, |i| i + 1);
         (used as u64 * BUCKET_MS) as f64 / 1000.0
+    }
+
+    /// Seconds from the start to the beginning of the first bucket with an event.
+    pub fn start_secs(&self) -> f64 {
+        let first = self.counts.iter().position(|&c| c > 0).unwrap_or(0);
+        (first as u64 * BUCKET_MS) as f64 / 1000.0
     }
 
     /// `(seconds since start, events per second)` for each bucket.
@@ -159,12 +165,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_timeline_spans_up_to_its_last_event_not_its_empty_tail() {
+    fn a_timeline_knows_its_first_and_last_busy_buckets_not_its_empty_edges() {
         let mut t = Timeline::default();
-        assert_eq!(t.span_secs(), 0.0);
-        t.add(50_000);
-        t.add(2_450_000);
-        assert!((t.span_secs() - 2.5).abs() < 1e-9, "{}", t.span_secs());
+        assert_eq!(t.end_secs(), 0.0);
+        t.add(1_250_000);
+        t.add(3_450_000);
+        assert!((t.start_secs() - 1.2).abs() < 1e-9, "{}", t.start_secs());
+        assert!((t.end_secs() - 3.5).abs() < 1e-9, "{}", t.end_secs());
     }
 
     #[test]

@@ -159,10 +159,20 @@ fn load(node: &NodeArgs, mut overrides: Overrides) -> Result<Config, NodeError> 
     Config::load(node.config.as_deref(), &overrides)
 }
 
+/// The configured filter, with the store engine's own chatter (a line per keyspace
+/// at every start, one per background flush) held to warnings unless it is named.
+fn log_filter_spec(configured: &str) -> String {
+    if configured.contains("fjall") || configured.contains("lsm_tree") {
+        configured.to_string()
+    } else {
+        format!("{configured},fjall=warn,lsm_tree=warn")
+    }
+}
+
 fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(log_filter_spec(&config.log)))
+        .unwrap_or_else(|_| EnvFilter::new(log_filter_spec("info")));
     use std::io::IsTerminal;
     // Colours only for a person at a terminal; files and collectors get plain text.
     let builder = tracing_subscriber::fmt()
@@ -381,6 +391,13 @@ async fn user(command: UserCommand, node_args: NodeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_store_engines_info_lines_are_held_back_unless_asked_for() {
+        assert_eq!(log_filter_spec("info"), "info,fjall=warn,lsm_tree=warn");
+        assert_eq!(log_filter_spec("debug,fjall=debug"), "debug,fjall=debug");
+        assert!(EnvFilter::try_new(log_filter_spec("warn,hearth_node=info")).is_ok());
+    }
 
     #[test]
     fn serve_help_lists_every_setting_with_its_variable() {

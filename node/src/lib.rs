@@ -108,10 +108,12 @@ impl Node {
     pub async fn open(config: Config) -> Result<Node, NodeError> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)?;
+        let opening = std::time::Instant::now();
         let store = Store::open(&config.data_dir).map_err(|e| match e {
             StoreError::Locked => NodeError::DataDirLocked(config.data_dir.clone()),
             other => NodeError::Store(other),
         })?;
+        info!(ms = opening.elapsed().as_millis() as u64, "store opened");
         let metrics = Metrics::new();
         let hub = Hub::new(config.session_queue, metrics.clone());
         let (inboxes, flusher) = Inboxes::start(store.clone(), hub.clone(), metrics.clone())?;

@@ -93,7 +93,7 @@ pub(crate) fn counts(
         "sessions_ended_early": m.closed,
         "sending_secs": secs,
         "send_rate": m.sent as f64 / secs,
-        "delivery_rate": m.delivered as f64 / secs,
+        "delivery_rate": delivery_rate(m, secs),
     })
 }
 
@@ -108,10 +108,12 @@ pub(crate) fn spread(s: &Summary) -> String {
     )
 }
 
-/// Deliveries per second over the time they took: the load's `secs`, or longer if
-/// deliveries trailed behind the sends (a backlog drains after the senders stop).
+/// Deliveries per second over the time they took: from the first send to the last
+/// delivery, or the load's `secs` if that is longer. A backlog that drains after the
+/// senders stopped counts at the rate it really arrived.
 pub(crate) fn delivery_rate(m: &Merged, secs: f64) -> f64 {
-    m.delivered as f64 / secs.max(m.delivered_timeline.span_secs())
+    let took = m.delivered_timeline.end_secs() - m.sent_timeline.start_secs();
+    m.delivered as f64 / secs.max(took)
 }
 
 /// The plot of a load: ack and delivery latency, send and delivery rates.
