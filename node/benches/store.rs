@@ -1,6 +1,6 @@
 //! Micro-benchmarks of the store through its public API: appending a 1:1 message
 //! as the node does (the event, two inbox entries, the sender's idempotency
-//! record, in one transaction), with and without the flush that makes it durable,
+//! record, in one atomic batch), with and without the flush that makes it durable,
 //! and reading a backlog page.
 //!
 //! `cargo bench -p hearth-node --bench store` (a quick check: `cargo test --benches`).
