@@ -30,6 +30,15 @@ pub enum StoreError {
     /// Another process holds the store's lock file.
     #[error("store is locked by another process")]
     Locked,
+    /// The thread that waits for the disk ended without an answer (it panicked, or
+    /// the runtime is shutting down); whether the write reached the disk is unknown.
+    #[error("store {what} did not finish: {detail}")]
+    Interrupted {
+        /// Which operation.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
     /// A stored record does not decode; the store was written by something else.
     #[error("stored record in {tree} does not decode: {detail}")]
     Corrupt {
@@ -359,9 +368,9 @@ impl Store {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.persist())
             .await
-            .map_err(|e| StoreError::Corrupt {
-                tree: "journal",
-                detail: format!("flush task failed: {e}"),
+            .map_err(|e| StoreError::Interrupted {
+                what: "flush",
+                detail: e.to_string(),
             })?
     }
 
@@ -371,9 +380,9 @@ impl Store {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || engine.checkpoint())
             .await
-            .map_err(|e| StoreError::Corrupt {
-                tree: "journal",
-                detail: format!("checkpoint task failed: {e}"),
+            .map_err(|e| StoreError::Interrupted {
+                what: "checkpoint",
+                detail: e.to_string(),
             })?
     }
 
