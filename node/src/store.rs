@@ -365,23 +365,26 @@ impl Store {
 
     /// Waits until everything written so far is on disk.
     pub async fn flush(&self) -> StoreResult<()> {
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.persist())
-            .await
-            .map_err(|e| StoreError::Interrupted {
-                what: "flush",
-                detail: e.to_string(),
-            })?
+        self.wait_for_disk("flush", Engine::persist).await
     }
 
     /// Makes everything durable and writes it out of the journal, so the next
     /// start replays nothing. Called on a graceful stop.
     pub async fn checkpoint(&self) -> StoreResult<()> {
+        self.wait_for_disk("checkpoint", Engine::checkpoint).await
+    }
+
+    /// Runs an engine call that blocks on the disk off the async runtime.
+    async fn wait_for_disk(
+        &self,
+        what: &'static str,
+        call: fn(&Engine) -> StoreResult<()>,
+    ) -> StoreResult<()> {
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || engine.checkpoint())
+        tokio::task::spawn_blocking(move || call(&engine))
             .await
             .map_err(|e| StoreError::Interrupted {
-                what: "checkpoint",
+                what,
                 detail: e.to_string(),
             })?
     }

@@ -8,7 +8,6 @@
 
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
@@ -33,7 +32,6 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 #[derive(Clone)]
 pub(super) struct Engine {
     db: Database,
-    opened: Arc<Mutex<Vec<Keyspace>>>,
 }
 
 impl Engine {
@@ -48,22 +46,20 @@ impl Engine {
                 fjall::Error::Locked => StoreError::Locked,
                 other => StoreError::Engine(other),
             })?;
-        Ok(Engine {
-            db,
-            opened: Arc::default(),
-        })
+        Ok(Engine { db })
     }
 
     /// The keyspace `name`, created empty if new.
     pub(super) fn tree(&self, name: &'static str) -> StoreResult<Tree> {
-        let ks = self.db.keyspace(name, || {
+        Ok(Tree {
+            ks: self.keyspace(name)?,
+        })
+    }
+
+    fn keyspace(&self, name: &str) -> StoreResult<Keyspace> {
+        Ok(self.db.keyspace(name, || {
             KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
-        })?;
-        self.opened
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(ks.clone());
-        Ok(Tree { ks })
+        })?)
     }
 
     /// A batch of writes that lands all at once.
@@ -83,13 +79,8 @@ impl Engine {
     /// replay. For a graceful stop; blocks for as long as that takes.
     pub(super) fn checkpoint(&self) -> StoreResult<()> {
         self.persist()?;
-        let opened = self
-            .opened
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for ks in opened {
-            ks.rotate_memtable_and_wait()?;
+        for name in self.db.list_keyspace_names() {
+            self.keyspace(&name)?.rotate_memtable_and_wait()?;
         }
         Ok(())
     }
