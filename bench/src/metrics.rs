@@ -123,12 +123,13 @@ impl NodeMetrics {
     }
 
     /// Takes the second scrape and summarises the interval:
-    /// `[("store flush", ..), ("accept to socket write", ..)]`.
+    /// `[("store write", ..), ("store flush", ..), ("accept to socket write", ..)]`.
     pub async fn stop(&self) -> Vec<(&'static str, HistogramSummary)> {
         let (Some(before), Some(after)) = (&self.before, scrape(&self.url).await) else {
             return Vec::new();
         };
         [
+            ("store write", "hearth_store_write_seconds"),
             ("store flush", "hearth_store_flush_seconds"),
             ("accept to socket write", "hearth_delivery_seconds"),
         ]

@@ -21,10 +21,15 @@ pub struct Metrics {
     pub messages: Counter,
     /// Sessions closed because they did not read fast enough.
     pub slow_disconnects: Counter,
-    /// Seconds from accepting an event to writing it to a recipient's socket.
+    /// Seconds from accepting an event (applying its write to the store, before the
+    /// flush that makes it durable) to writing it to a recipient's socket.
     pub delivery_seconds: Histogram,
     /// Seconds per store flush (one flush acknowledges a whole group of writes).
     pub flush_seconds: Histogram,
+    /// Seconds to apply one write set to the store, not counting its flush. Long
+    /// ones mean the disk held up writing itself (the engine's journal waits for
+    /// it), which delays everything queued behind the write.
+    pub write_seconds: Histogram,
     /// Events taken in from other servers.
     pub federation_in: Counter,
     /// Events delivered to other servers.
@@ -62,6 +67,7 @@ impl Metrics {
         // 50 µs to about 3 s.
         let delivery_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
         let flush_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
+        let write_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
         let federation_in = Counter::default();
         let federation_out = Counter::default();
         let federation_refused = Counter::default();
@@ -133,13 +139,18 @@ impl Metrics {
         );
         registry.register(
             "delivery_seconds",
-            "Time from accepting an event to writing it to a recipient",
+            "Time from accepting an event (its write applied, not yet flushed) to writing it to a recipient",
             delivery_seconds.clone(),
         );
         registry.register(
             "store_flush_seconds",
             "Duration of store flushes",
             flush_seconds.clone(),
+        );
+        registry.register(
+            "store_write_seconds",
+            "Time to apply one write set to the store, before its flush",
+            write_seconds.clone(),
         );
         Metrics {
             connections,
@@ -149,6 +160,7 @@ impl Metrics {
             slow_disconnects,
             delivery_seconds,
             flush_seconds,
+            write_seconds,
             federation_in,
             federation_out,
             federation_refused,

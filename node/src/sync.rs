@@ -86,8 +86,16 @@ impl Positions {
 #[derive(Default)]
 struct Pending {
     ticket: u64,
-    deliveries: Vec<Delivery>,
+    writes: Vec<AppliedWrite>,
     last_pos: u64,
+}
+
+/// The deliveries of one applied write, waiting for their group commit.
+struct AppliedWrite {
+    /// When the write was applied: its events count as accepted from then, so the
+    /// delivery histogram includes the wait for a flush that was already running.
+    applied_at: Instant,
+    deliveries: Vec<Delivery>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -172,7 +180,12 @@ impl Inboxes {
             if positions.next != *writer {
                 staged.writes.stream_pos = Some(positions.next);
             }
+            let started = Instant::now();
             self.shared.store.apply(&staged.writes)?;
+            self.shared
+                .metrics
+                .write_seconds
+                .observe(started.elapsed().as_secs_f64());
             *writer = positions.next;
             let mut pending = self
                 .shared
@@ -181,7 +194,12 @@ impl Inboxes {
                 .unwrap_or_else(|e| e.into_inner());
             pending.ticket += 1;
             pending.last_pos = positions.next;
-            pending.deliveries.append(&mut staged.deliveries);
+            if !staged.deliveries.is_empty() {
+                pending.writes.push(AppliedWrite {
+                    applied_at: Instant::now(),
+                    deliveries: std::mem::take(&mut staged.deliveries),
+                });
+            }
             let ticket = pending.ticket;
             drop(pending);
             drop(writer);
@@ -250,13 +268,13 @@ async fn run_flusher(shared: Arc<Shared>) {
                 Some((
                     pending.ticket,
                     pending.last_pos,
-                    std::mem::take(&mut pending.deliveries),
+                    std::mem::take(&mut pending.writes),
                 ))
             } else {
                 None
             }
         };
-        let Some((ticket, last_pos, deliveries)) = batch else {
+        let Some((ticket, last_pos, writes)) = batch else {
             if shared.stopping.load(Ordering::Acquire) {
                 if let Err(e) = shared.store.flush().await {
                     error!(error = %e, "final store flush failed");
@@ -280,7 +298,9 @@ async fn run_flusher(shared: Arc<Shared>) {
             return;
         }
         shared.committed_pos.store(last_pos, Ordering::Release);
-        publish(&shared, deliveries, started);
+        for write in writes {
+            publish(&shared, write.deliveries, write.applied_at);
+        }
         shared.durable.send_modify(|d| d.ticket = ticket);
     }
 }

@@ -44,6 +44,15 @@ async fn health_readiness_and_metrics_answer() {
     ] {
         assert!(metrics.contains(name), "metrics lack {name}:\n{metrics}");
     }
+    // The send was a write applied to the store: its duration is counted.
+    let writes = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("hearth_store_write_seconds_count "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(
+        writes.is_some_and(|n| n >= 1),
+        "store writes not counted:\n{metrics}"
+    );
 }
 
 #[tokio::test]
