@@ -138,6 +138,23 @@ impl Report {
                 fmt(cpu.bench_cpu_s, cpu.bench_cpu_pct),
                 String::new(),
             ]);
+            let waited = |w: Option<f64>, ran: Option<f64>| match (w, ran) {
+                (Some(w), Some(r)) if r > 0.0 => {
+                    format!("{w:.2} s ({:.0}% of its CPU time)", 100.0 * w / r)
+                }
+                (Some(w), _) => format!("{w:.2} s"),
+                _ => "n/a".into(),
+            };
+            rows.push([
+                "node waiting for a core".into(),
+                waited(cpu.node_cpu_wait_s, cpu.node_cpu_s),
+                String::new(),
+            ]);
+            rows.push([
+                "bench waiting for a core".into(),
+                waited(cpu.bench_cpu_wait_s, cpu.bench_cpu_s),
+                String::new(),
+            ]);
         }
         if let Some(rss) = self.node_rss_kib {
             rows.push([

@@ -82,6 +82,30 @@ pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) / ticks)
 }
 
+/// Seconds the threads of a process now alive have spent ready to run but waiting
+/// for a core: the sum of field 2 of `/proc/<pid>/task/*/schedstat`. `None` for
+/// "self" means this process. On two shared cores this is how much the node and
+/// the tool slow each other down; threads that have exited are not counted.
+pub fn cpu_wait_seconds(pid: Option<u32>) -> Option<f64> {
+    let dir = match pid {
+        Some(pid) => format!("/proc/{pid}/task"),
+        None => "/proc/self/task".to_string(),
+    };
+    let mut waited_ns: u64 = 0;
+    for task in std::fs::read_dir(dir).ok()? {
+        let Ok(task) = task else { continue };
+        // A thread that ends while we read is simply not counted.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        waited_ns += stat
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())?;
+    }
+    Some(waited_ns as f64 / 1e9)
+}
+
 /// Resident memory of a process in KiB (`VmRSS` of `/proc/<pid>/status`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -100,6 +124,8 @@ pub struct CpuMeter {
     wall: std::time::Instant,
     bench: Option<f64>,
     node: Option<f64>,
+    bench_wait: Option<f64>,
+    node_wait: Option<f64>,
 }
 
 /// CPU seconds used over an interval, by the tool and by the node(s).
@@ -115,6 +141,10 @@ pub struct CpuUse {
     pub bench_cpu_pct: Option<f64>,
     /// The node's use as a share of one core.
     pub node_cpu_pct: Option<f64>,
+    /// Seconds the tool's threads were ready to run but waited for a core.
+    pub bench_cpu_wait_s: Option<f64>,
+    /// Seconds the node's threads were ready to run but waited for a core.
+    pub node_cpu_wait_s: Option<f64>,
 }
 
 impl CpuMeter {
@@ -125,6 +155,8 @@ impl CpuMeter {
             wall: std::time::Instant::now(),
             bench: cpu_seconds(None),
             node: node_pid.and_then(|p| cpu_seconds(Some(p))),
+            bench_wait: cpu_wait_seconds(None),
+            node_wait: node_pid.and_then(|p| cpu_wait_seconds(Some(p))),
         }
     }
 
@@ -139,8 +171,20 @@ impl CpuMeter {
             (Some(a), Some(b)) => Some(b - a),
             _ => None,
         };
+        let since = |start: Option<f64>, now: Option<f64>| match (start, now) {
+            // Threads that exited take their share with them: never below zero.
+            (Some(a), Some(b)) => Some((b - a).max(0.0)),
+            _ => None,
+        };
+        let bench_cpu_wait_s = since(self.bench_wait, cpu_wait_seconds(None));
+        let node_cpu_wait_s = since(
+            self.node_wait,
+            self.node_pid.and_then(|p| cpu_wait_seconds(Some(p))),
+        );
         let pct = |s: Option<f64>| s.map(|s| 100.0 * s / wall_s.max(1e-9));
         CpuUse {
+            bench_cpu_wait_s,
+            node_cpu_wait_s,
             wall_s,
             bench_cpu_pct: pct(bench_cpu_s),
             node_cpu_pct: pct(node_cpu_s),
@@ -160,6 +204,8 @@ mod tests {
         assert!(rss_kib(pid).is_some_and(|k| k > 0));
         assert!(cpu_seconds(None).is_some());
         assert!(cpu_seconds(Some(pid)).is_some());
+        assert!(cpu_wait_seconds(None).is_some_and(|s| s >= 0.0));
+        assert!(cpu_wait_seconds(Some(pid)).is_some_and(|s| s >= 0.0));
         assert!(Machine::detect().cores >= 1);
     }
 }

@@ -171,6 +171,15 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
     report.figure("-- 1:1 across servers at", per_sec(args.rate));
     let c1 = counts(&mut report, &m, m.acked, secs);
     let l1 = latency_rows(&mut report, &mut m, Some(5.0));
+    let wait_text = |cpu: &[crate::system::CpuUse]| {
+        cpu.iter()
+            .map(|c| match c.node_cpu_wait_s {
+                Some(w) => format!("{w:.2} s"),
+                None => "n/a".into(),
+            })
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
     let cpu_text = |cpu: &[crate::system::CpuUse]| {
         cpu.iter()
             .map(|c| format!("{:.0}%", c.node_cpu_pct.unwrap_or(0.0)))
@@ -178,6 +187,7 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
             .join(" / ")
     };
     report.figure("node CPU a / b (of a core)", cpu_text(&cpu));
+    report.figure("node a / b waiting for a core", wait_text(&cpu));
     report.cpu = cpu.first().cloned();
     let mut plot = load_plot(
         format!(
@@ -214,6 +224,7 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
         );
         let l = latency_rows(&mut report, &mut mm, None);
         report.figure("node CPU a / b (of a core) at max", cpu_text(&mcpu));
+        report.figure("node a / b waiting for a core at max", wait_text(&mcpu));
         max_json = json!({ "counts": c, "latency": l, "rate": rate });
     }
 
