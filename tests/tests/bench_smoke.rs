@@ -84,6 +84,13 @@ async fn direct_pairs_lose_nothing() {
     let r = bench(&["direct", "--pairs", "2", "--rate", "40", "--secs", "1"]).await;
     nothing_lost(&r, "/counts");
     assert!(r.cpu.as_ref().and_then(|c| c.node_cpu_s).is_some());
+    // How long the node's threads waited for a core is read too (it may be zero).
+    assert!(
+        r.cpu
+            .as_ref()
+            .and_then(|c| c.node_cpu_wait_s)
+            .is_some_and(|w| w >= 0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
