@@ -201,12 +201,20 @@ impl Browser {
             .unwrap_or_else(|e| panic!("[{}] no element {css}: {e}", self.who))
     }
 
+    /// Clicks the element `css` names. If the page redraws it between finding and
+    /// clicking (a member list updated by a live event, say), the click goes to the
+    /// redrawn one, as a person's next click would.
     async fn click(&self, css: &str) {
-        self.find(css)
-            .await
-            .click()
-            .await
-            .unwrap_or_else(|e| panic!("[{}] click {css}: {e}", self.who));
+        let deadline = Instant::now() + UI_WAIT;
+        loop {
+            match self.find(css).await.click().await {
+                Ok(_) => return,
+                Err(e) if e.is_stale_element_reference() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("[{}] click {css}: {e}", self.who),
+            }
+        }
     }
 
     async fn type_into(&self, css: &str, text: &str) {
