@@ -71,6 +71,11 @@ struct PushOutcome {
 
 /// Pushes to one server in flight at once (see `Federation::deliver`).
 const PUSHES_IN_FLIGHT: usize = 4;
+/// Pushes of at most this many events are read and signed on the outbox worker's
+/// own task (about 30 µs per event); larger ones on a blocking thread. At low
+/// rates most pushes carry one or two events, and handing each to another thread
+/// and back cost more than the work (docs/benchmarks.md).
+const INLINE_PUSH_EVENTS: usize = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Descriptors are valid this long.
@@ -978,7 +983,7 @@ impl Federation {
     }
 
     /// The next push for `dest`: up to a full push of outbox entries after `after`,
-    /// read and signed on a blocking thread (CPU work).
+    /// read and signed (on a blocking thread unless the push is small).
     async fn next_push(&self, dest: &str, after: Option<&[u8]>) -> NextPush {
         let entries = match self
             .shared
@@ -994,26 +999,14 @@ impl Federation {
         if entries.is_empty() {
             return NextPush::Nothing;
         }
-        let this = self.clone();
-        let Ok((read, gone)) = tokio::task::spawn_blocking(move || {
-            let mut read = Vec::new();
-            let mut gone = Vec::new();
-            for (key, id) in entries {
-                match this.shared.store.event(&id) {
-                    Ok(Some(stored)) => read.push((key, this.outgoing(stored.event))),
-                    Ok(None) => gone.push(key),
-                    // Left in the outbox for a later push.
-                    Err(e) => {
-                        warn!(error = %e, "outbox event unreadable");
-                        break;
-                    }
-                }
+        let (read, gone) = if entries.len() <= INLINE_PUSH_EVENTS {
+            self.read_outgoing(entries)
+        } else {
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.read_outgoing(entries)).await {
+                Ok(read) => read,
+                Err(_) => return NextPush::Stopped,
             }
-            (read, gone)
-        })
-        .await
-        else {
-            return NextPush::Stopped;
         };
         if !gone.is_empty() {
             let _ = self.shared.store.outbox_done(&gone);
@@ -1023,6 +1016,28 @@ impl Federation {
         };
         let (keys, events) = read.into_iter().unzip();
         NextPush::Ready { upto, keys, events }
+    }
+
+    /// The outbox entries' events, signed for sending, and the entries whose event is
+    /// gone. Stops at an event that cannot be read: it stays for a later push.
+    #[allow(clippy::type_complexity)]
+    fn read_outgoing(
+        &self,
+        entries: Vec<(Vec<u8>, String)>,
+    ) -> (Vec<(Vec<u8>, String)>, Vec<Vec<u8>>) {
+        let mut read = Vec::new();
+        let mut gone = Vec::new();
+        for (key, id) in entries {
+            match self.shared.store.event(&id) {
+                Ok(Some(stored)) => read.push((key, self.outgoing(stored.event))),
+                Ok(None) => gone.push(key),
+                Err(e) => {
+                    warn!(error = %e, "outbox event unreadable");
+                    break;
+                }
+            }
+        }
+        (read, gone)
     }
 
     /// Removes what a push delivered (or what was refused for good) from the outbox;
