@@ -63,6 +63,14 @@ enum NextPush {
     Stopped,
 }
 
+/// Outbox entries read for a push.
+struct OutboxRead {
+    /// Each entry's key and its event, signed for sending, oldest first.
+    ready: Vec<(Vec<u8>, String)>,
+    /// Entries whose event is no longer stored.
+    gone: Vec<Vec<u8>>,
+}
+
 /// A push that came back: its outbox entries, in the order of its events, and the answer.
 struct PushOutcome {
     keys: Vec<Vec<u8>>,
@@ -999,7 +1007,7 @@ impl Federation {
         if entries.is_empty() {
             return NextPush::Nothing;
         }
-        let (read, gone) = if entries.len() <= INLINE_PUSH_EVENTS {
+        let OutboxRead { ready: read, gone } = if entries.len() <= INLINE_PUSH_EVENTS {
             self.read_outgoing(entries)
         } else {
             let this = self.clone();
@@ -1018,26 +1026,24 @@ impl Federation {
         NextPush::Ready { upto, keys, events }
     }
 
-    /// The outbox entries' events, signed for sending, and the entries whose event is
-    /// gone. Stops at an event that cannot be read: it stays for a later push.
-    #[allow(clippy::type_complexity)]
-    fn read_outgoing(
-        &self,
-        entries: Vec<(Vec<u8>, String)>,
-    ) -> (Vec<(Vec<u8>, String)>, Vec<Vec<u8>>) {
-        let mut read = Vec::new();
-        let mut gone = Vec::new();
+    /// The outbox entries' events, signed for sending. Stops at an event that cannot
+    /// be read: it stays for a later push.
+    fn read_outgoing(&self, entries: Vec<(Vec<u8>, String)>) -> OutboxRead {
+        let mut out = OutboxRead {
+            ready: Vec::new(),
+            gone: Vec::new(),
+        };
         for (key, id) in entries {
             match self.shared.store.event(&id) {
-                Ok(Some(stored)) => read.push((key, self.outgoing(stored.event))),
-                Ok(None) => gone.push(key),
+                Ok(Some(stored)) => out.ready.push((key, self.outgoing(stored.event))),
+                Ok(None) => out.gone.push(key),
                 Err(e) => {
                     warn!(error = %e, "outbox event unreadable");
                     break;
                 }
             }
         }
-        (read, gone)
+        out
     }
 
     /// Removes what a push delivered (or what was refused for good) from the outbox;
