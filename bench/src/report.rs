@@ -128,16 +128,6 @@ impl Report {
                 (Some(s), Some(p)) => format!("{s:.2} s ({p:.0}% of a core)"),
                 _ => "n/a".into(),
             };
-            rows.push([
-                "node CPU".into(),
-                fmt(cpu.node_cpu_s, cpu.node_cpu_pct),
-                String::new(),
-            ]);
-            rows.push([
-                "bench CPU (this tool)".into(),
-                fmt(cpu.bench_cpu_s, cpu.bench_cpu_pct),
-                String::new(),
-            ]);
             let waited = |w: Option<f64>, ran: Option<f64>| match (w, ran) {
                 (Some(w), Some(r)) if r > 0.0 => {
                     format!("{w:.2} s ({:.0}% of its CPU time)", 100.0 * w / r)
@@ -145,16 +135,23 @@ impl Report {
                 (Some(w), _) => format!("{w:.2} s"),
                 _ => "n/a".into(),
             };
-            rows.push([
-                "node waiting for a core".into(),
-                waited(cpu.node_cpu_wait_s, cpu.node_cpu_s),
-                String::new(),
-            ]);
-            rows.push([
-                "bench waiting for a core".into(),
-                waited(cpu.bench_cpu_wait_s, cpu.bench_cpu_s),
-                String::new(),
-            ]);
+            for (what, value) in [
+                ("node CPU", fmt(cpu.node_cpu_s, cpu.node_cpu_pct)),
+                (
+                    "bench CPU (this tool)",
+                    fmt(cpu.bench_cpu_s, cpu.bench_cpu_pct),
+                ),
+                (
+                    "node waiting for a core",
+                    waited(cpu.node_cpu_wait_s, cpu.node_cpu_s),
+                ),
+                (
+                    "bench waiting for a core",
+                    waited(cpu.bench_cpu_wait_s, cpu.bench_cpu_s),
+                ),
+            ] {
+                rows.push([what.into(), value, String::new()]);
+            }
         }
         if let Some(rss) = self.node_rss_kib {
             rows.push([

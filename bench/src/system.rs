@@ -163,19 +163,13 @@ impl CpuMeter {
     /// What was used since [`CpuMeter::start`].
     pub fn stop(&self) -> CpuUse {
         let wall_s = self.wall.elapsed().as_secs_f64();
-        let bench_cpu_s = match (self.bench, cpu_seconds(None)) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
-        let node_cpu_s = match (self.node, self.node_pid.and_then(|p| cpu_seconds(Some(p)))) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        };
         let since = |start: Option<f64>, now: Option<f64>| match (start, now) {
-            // Threads that exited take their share with them: never below zero.
+            // Threads that exited take their waits with them: never below zero.
             (Some(a), Some(b)) => Some((b - a).max(0.0)),
             _ => None,
         };
+        let bench_cpu_s = since(self.bench, cpu_seconds(None));
+        let node_cpu_s = since(self.node, self.node_pid.and_then(|p| cpu_seconds(Some(p))));
         let bench_cpu_wait_s = since(self.bench_wait, cpu_wait_seconds(None));
         let node_cpu_wait_s = since(
             self.node_wait,

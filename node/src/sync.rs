@@ -182,10 +182,11 @@ impl Inboxes {
             }
             let started = Instant::now();
             self.shared.store.apply(&staged.writes)?;
+            let applied_at = Instant::now();
             self.shared
                 .metrics
                 .write_seconds
-                .observe(started.elapsed().as_secs_f64());
+                .observe((applied_at - started).as_secs_f64());
             *writer = positions.next;
             let mut pending = self
                 .shared
@@ -196,7 +197,7 @@ impl Inboxes {
             pending.last_pos = positions.next;
             if !staged.deliveries.is_empty() {
                 pending.writes.push(AppliedWrite {
-                    applied_at: Instant::now(),
+                    applied_at,
                     deliveries: std::mem::take(&mut staged.deliveries),
                 });
             }

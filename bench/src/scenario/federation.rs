@@ -171,20 +171,18 @@ pub async fn run(env: &Env, args: &Args) -> Result<(Report, Option<Plot>)> {
     report.figure("-- 1:1 across servers at", per_sec(args.rate));
     let c1 = counts(&mut report, &m, m.acked, secs);
     let l1 = latency_rows(&mut report, &mut m, Some(5.0));
-    let wait_text = |cpu: &[crate::system::CpuUse]| {
-        cpu.iter()
-            .map(|c| match c.node_cpu_wait_s {
-                Some(w) => format!("{w:.2} s"),
-                None => "n/a".into(),
-            })
-            .collect::<Vec<_>>()
-            .join(" / ")
+    // One figure per node, "a / b".
+    let per_node = |cpu: &[crate::system::CpuUse], show: fn(&crate::system::CpuUse) -> String| {
+        cpu.iter().map(show).collect::<Vec<_>>().join(" / ")
     };
     let cpu_text = |cpu: &[crate::system::CpuUse]| {
-        cpu.iter()
-            .map(|c| format!("{:.0}%", c.node_cpu_pct.unwrap_or(0.0)))
-            .collect::<Vec<_>>()
-            .join(" / ")
+        per_node(cpu, |c| format!("{:.0}%", c.node_cpu_pct.unwrap_or(0.0)))
+    };
+    let wait_text = |cpu: &[crate::system::CpuUse]| {
+        per_node(cpu, |c| match c.node_cpu_wait_s {
+            Some(w) => format!("{w:.2} s"),
+            None => "n/a".into(),
+        })
     };
     report.figure("node CPU a / b (of a core)", cpu_text(&cpu));
     report.figure("node a / b waiting for a core", wait_text(&cpu));

@@ -1007,7 +1007,7 @@ impl Federation {
         if entries.is_empty() {
             return NextPush::Nothing;
         }
-        let OutboxRead { ready: read, gone } = if entries.len() <= INLINE_PUSH_EVENTS {
+        let OutboxRead { ready, gone } = if entries.len() <= INLINE_PUSH_EVENTS {
             self.read_outgoing(entries)
         } else {
             let this = self.clone();
@@ -1019,10 +1019,10 @@ impl Federation {
         if !gone.is_empty() {
             let _ = self.shared.store.outbox_done(&gone);
         }
-        let Some(upto) = read.last().map(|(key, _)| key.clone()) else {
+        let Some(upto) = ready.last().map(|(key, _)| key.clone()) else {
             return NextPush::Nothing;
         };
-        let (keys, events) = read.into_iter().unzip();
+        let (keys, events) = ready.into_iter().unzip();
         NextPush::Ready { upto, keys, events }
     }
 
