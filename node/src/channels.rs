@@ -104,6 +104,56 @@ pub struct Channels {
     metrics: Metrics,
     remote: Arc<OnceLock<Arc<dyn Remote>>>,
     sends: Arc<Mutex<SendQueue>>,
+    known: Arc<Mutex<KnownChannels>>,
+}
+
+/// Channel states and direct pairs as the last applied writes left them, so a
+/// round of sends does not read and decode each channel's record and members from
+/// the store again.
+///
+/// Only writes touch it, under the inboxes' write lock: a write takes out the
+/// states it uses and puts them back (changed) once it is applied, so what is
+/// here always matches the store. A write that fails leaves its channels out, to
+/// be loaded afresh by the next.
+#[derive(Default)]
+struct KnownChannels {
+    states: HashMap<String, ChannelState>,
+    /// The direct channel of a pair, by [`pair_of`].
+    direct: HashMap<(String, String), String>,
+}
+
+/// Channels (and, apart, direct pairs) kept in [`KnownChannels`] at most; past
+/// that an arbitrary one makes room. A state is its record and members: a few
+/// hundred bytes for a direct channel, some kilobytes for a full group.
+const MAX_KNOWN_CHANNELS: usize = 1024;
+
+impl KnownChannels {
+    fn put_state(&mut self, channel: String, state: ChannelState) {
+        make_room(&mut self.states);
+        self.states.insert(channel, state);
+    }
+
+    fn put_pair(&mut self, a: &str, b: &str, channel: String) {
+        make_room(&mut self.direct);
+        self.direct.insert(pair_of(a, b), channel);
+    }
+}
+
+fn make_room<K: Clone + Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    if map.len() >= MAX_KNOWN_CHANNELS
+        && let Some(k) = map.keys().next().cloned()
+    {
+        map.remove(&k);
+    }
+}
+
+/// Two users as an unordered pair.
+fn pair_of(a: &str, b: &str) -> (String, String) {
+    if a <= b {
+        (a.to_string(), b.to_string())
+    } else {
+        (b.to_string(), a.to_string())
+    }
 }
 
 /// Messages waiting to be stored together in one write.
@@ -214,6 +264,15 @@ impl ChannelState {
         };
         state.stored_servers = state.servers_other_than(here);
         Ok(state)
+    }
+
+    /// The state once this write's changes are stored, for the next write.
+    fn settled(mut self, here: &str) -> Self {
+        self.stored_version = self.rec.as_ref().map_or(0, |r| r.version);
+        self.stored_servers = self.servers_other_than(here);
+        self.member_changes.clear();
+        self.changed = false;
+        self
     }
 
     /// The servers of the members, other than `here`.
@@ -369,7 +428,11 @@ impl<'a> Batch<'a> {
 
     fn state(&mut self, channel: &str) -> ApiResult<&mut ChannelState> {
         if !self.states.contains_key(channel) {
-            let state = ChannelState::load(&self.channels.store, channel, self.server_name())?;
+            let known = self.channels.known().states.remove(channel);
+            let state = match known {
+                Some(state) => state,
+                None => ChannelState::load(&self.channels.store, channel, self.server_name())?,
+            };
             self.states.insert(channel.to_string(), state);
         }
         self.states
@@ -614,22 +677,39 @@ impl<'a> Batch<'a> {
     /// Turns the batch into a write for [`Inboxes::write`].
     fn finish<T>(mut self, reply: T) -> ApiResult<(Staged<T>, Vec<String>)> {
         let remote_servers = self.queue_outboxes()?;
-        for (id, state) in self.states {
-            if !state.changed {
-                continue;
+        let here = self.server_name().to_string();
+        let mut settled = Vec::with_capacity(self.states.len());
+        for (id, mut state) in self.states {
+            if state.changed {
+                for (user, rec) in state.member_changes.drain(..) {
+                    self.writes.members.push((id.clone(), user, rec));
+                }
+                if let Some(rec) = &state.rec {
+                    self.writes.channels.push((id.clone(), rec.clone()));
+                }
             }
-            for (user, rec) in state.member_changes {
-                self.writes.members.push((id.clone(), user, rec));
-            }
-            if let Some(rec) = state.rec {
-                self.writes.channels.push((id, rec));
+            // A channel not known here is not remembered: anyone can name one.
+            if state.rec.is_some() {
+                settled.push((id, state.settled(&here)));
             }
         }
+        let pairs = self.writes.direct_pairs.clone();
+        let known = self.channels.known.clone();
+        let on_applied = move || {
+            let mut known = known.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, state) in settled {
+                known.put_state(id, state);
+            }
+            for (a, b, channel) in pairs {
+                known.put_pair(&a, &b, channel);
+            }
+        };
         Ok((
             Staged {
                 writes: self.writes,
                 deliveries: self.deliveries,
                 reply,
+                on_applied: Some(Box::new(on_applied)),
             },
             remote_servers.into_iter().collect(),
         ))
@@ -704,7 +784,25 @@ impl Channels {
             metrics,
             remote: Arc::new(OnceLock::new()),
             sends: Arc::default(),
+            known: Arc::default(),
         }
+    }
+
+    /// What the writes remember; only to be used under the inboxes' write lock.
+    fn known(&self) -> std::sync::MutexGuard<'_, KnownChannels> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The direct channel of two users as stored; under the write lock.
+    fn stored_direct_channel(&self, a: &str, b: &str) -> ApiResult<Option<String>> {
+        if let Some(id) = self.known().direct.get(&pair_of(a, b)) {
+            return Ok(Some(id.clone()));
+        }
+        let stored = self.store.direct_channel(a, b)?;
+        if let Some(id) = &stored {
+            self.known().put_pair(a, b, id.clone());
+        }
+        Ok(stored)
     }
 
     /// Connects the channels to federation (once, at start-up).
@@ -770,7 +868,7 @@ impl Channels {
         a: &str,
         b: &str,
     ) -> ApiResult<String> {
-        if let Some(id) = self.store.direct_channel(a, b)?
+        if let Some(id) = self.stored_direct_channel(a, b)?
             && batch.state(&id)?.rec.is_some()
         {
             return Ok(id);

@@ -41,7 +41,6 @@ use std::time::Duration;
 use hearth_federation::Hlc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 pub use crate::config::Config;
@@ -55,7 +54,7 @@ use crate::metrics::Metrics;
 use crate::presence::Presence;
 use crate::push::Push;
 use crate::store::{Store, StoreError};
-use crate::sync::Inboxes;
+use crate::sync::{Flusher, Inboxes};
 
 /// How long shutdown waits for sessions to close before it stops waiting.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -99,7 +98,7 @@ impl Services {
 /// A node with its store open, ready to serve.
 pub struct Node {
     svc: Arc<Services>,
-    flusher: JoinHandle<()>,
+    flusher: Flusher,
     stop: watch::Sender<bool>,
 }
 
@@ -239,7 +238,7 @@ impl Node {
         }
         svc.push.stop().await;
         svc.inboxes.stop();
-        if flusher.await.is_err() {
+        if !flusher.finished().await {
             warn!("the store flusher ended abnormally");
         }
         // Writing the journal out to tables now is what makes the next start quick.
@@ -257,7 +256,7 @@ impl Node {
             f.stop().await;
         }
         self.svc.inboxes.stop();
-        let _ = self.flusher.await;
+        let _ = self.flusher.finished().await;
         self.svc.store.checkpoint().await?;
         Ok(())
     }

@@ -368,6 +368,12 @@ impl Store {
         self.wait_for_disk("flush", Engine::persist).await
     }
 
+    /// Blocks until everything written so far is on disk: [`Store::flush`] for a
+    /// thread that may block (the inboxes' flusher).
+    pub fn sync_to_disk(&self) -> StoreResult<()> {
+        self.engine.persist()
+    }
+
     /// Makes everything durable and writes it out of the journal, so the next
     /// start replays nothing. Called on a graceful stop.
     pub async fn checkpoint(&self) -> StoreResult<()> {

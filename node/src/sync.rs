@@ -2,7 +2,7 @@
 //!
 //! Every write that lands events in inboxes goes through [`Inboxes::write`]:
 //! under one lock it validates against the store, assigns stream positions, and
-//! applies its write set atomically. A flusher task then makes whole groups of
+//! applies its write set atomically. A flusher thread then makes whole groups of
 //! such writes durable with one flush, raises the committed position, and only
 //! then hands the events to the hub, in stream order. So:
 //! - an acknowledged event is on disk (acks wait for their flush);
@@ -11,14 +11,13 @@
 //!   committed position misses nothing: what was published before it attached is
 //!   at or below that position, and what is published later reaches its queue.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use hearth_client_api::ErrorCode;
 use hearth_client_api::model::Event;
-use tokio::sync::{Notify, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, watch};
 use tracing::{error, warn};
 
 use crate::error::{ApiError, ApiResult};
@@ -53,6 +52,10 @@ pub struct Staged<T> {
     pub deliveries: Vec<Delivery>,
     /// What the caller gets once the write is durable.
     pub reply: T,
+    /// Run once the changes are applied, still under the write lock (to keep what
+    /// the writer remembers between writes in step with the store); not run if the
+    /// write fails.
+    pub on_applied: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl<T> Staged<T> {
@@ -62,6 +65,7 @@ impl<T> Staged<T> {
             writes: WriteSet::default(),
             deliveries: Vec::new(),
             reply,
+            on_applied: None,
         }
     }
 }
@@ -111,22 +115,68 @@ struct Shared {
     /// Held while a write validates and applies; its value is the highest assigned position.
     writer: Mutex<u64>,
     pending: Mutex<Pending>,
-    wake: Notify,
+    /// Wakes the flusher; paired with `pending`, under which every flag it waits on
+    /// is set, so no wake-up is lost between its check and its wait.
+    wake: Condvar,
     committed_pos: AtomicU64,
     durable: watch::Sender<Durable>,
-    stopping: std::sync::atomic::AtomicBool,
+    stopping: AtomicBool,
+    /// Every handle is gone (a node dropped without being stopped): the flusher
+    /// ends without a final flush, as the runtime's tasks do.
+    abandoned: AtomicBool,
     offline: OnceLock<Arc<dyn OfflineSink>>,
+}
+
+impl Shared {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets `flag` and wakes the flusher to look at it.
+    fn raise(&self, flag: &AtomicBool) {
+        let _pending = self.pending();
+        flag.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
 }
 
 /// A cheap handle to the node's inboxes.
 #[derive(Clone)]
 pub struct Inboxes {
     shared: Arc<Shared>,
+    _holders: Arc<Holders>,
+}
+
+/// Shared by every [`Inboxes`] clone (the flusher holds [`Shared`] but not this):
+/// dropped with the last of them, it tells the flusher to end.
+struct Holders(Arc<Shared>);
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        self.0.raise(&self.0.abandoned);
+    }
+}
+
+/// The flusher thread, to wait for at stop.
+pub struct Flusher {
+    done: oneshot::Receiver<()>,
+}
+
+impl Flusher {
+    /// Waits until the flusher has made the last writes durable and ended; `false`
+    /// if it ended abnormally (it panicked).
+    pub async fn finished(self) -> bool {
+        self.done.await.is_ok()
+    }
 }
 
 impl Inboxes {
-    /// Opens the inboxes over `store` and starts the flusher task.
-    pub fn start(store: Store, hub: Hub, metrics: Metrics) -> ApiResult<(Inboxes, JoinHandle<()>)> {
+    /// Opens the inboxes over `store` and starts the flusher.
+    ///
+    /// The flusher is a thread of its own, not a task: a flush blocks on the disk,
+    /// and a task would hand each one to a blocking thread and back, two more
+    /// thread wake-ups for every group commit.
+    pub fn start(store: Store, hub: Hub, metrics: Metrics) -> ApiResult<(Inboxes, Flusher)> {
         let pos = store.stream_pos()?;
         let (durable, _) = watch::channel(Durable::default());
         let shared = Arc::new(Shared {
@@ -138,14 +188,34 @@ impl Inboxes {
                 last_pos: pos,
                 ..Pending::default()
             }),
-            wake: Notify::new(),
+            wake: Condvar::new(),
             committed_pos: AtomicU64::new(pos),
             durable,
-            stopping: Default::default(),
+            stopping: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
             offline: OnceLock::new(),
         });
-        let flusher = tokio::spawn(run_flusher(shared.clone()));
-        Ok((Inboxes { shared }, flusher))
+        let (finished, done) = oneshot::channel();
+        let flushing = shared.clone();
+        std::thread::Builder::new()
+            .name("hearth-flusher".into())
+            .spawn(move || {
+                run_flusher(&flushing);
+                let _ = finished.send(());
+            })
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("could not start the store flusher: {e}"),
+                )
+            })?;
+        Ok((
+            Inboxes {
+                _holders: Arc::new(Holders(shared.clone())),
+                shared,
+            },
+            Flusher { done },
+        ))
     }
 
     /// Runs `stage` under the write lock, applies its changes atomically, and waits
@@ -183,16 +253,15 @@ impl Inboxes {
             let started = Instant::now();
             self.shared.store.apply(&staged.writes)?;
             let applied_at = Instant::now();
+            if let Some(applied) = staged.on_applied.take() {
+                applied();
+            }
             self.shared
                 .metrics
                 .write_seconds
                 .observe((applied_at - started).as_secs_f64());
             *writer = positions.next;
-            let mut pending = self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.shared.pending();
             pending.ticket += 1;
             pending.last_pos = positions.next;
             if !staged.deliveries.is_empty() {
@@ -202,9 +271,9 @@ impl Inboxes {
                 });
             }
             let ticket = pending.ticket;
+            self.shared.wake.notify_one();
             drop(pending);
             drop(writer);
-            self.shared.wake.notify_one();
             (WriteTicket(ticket), staged.reply)
         };
         Ok(ticket)
@@ -255,38 +324,51 @@ impl Inboxes {
     /// Asks the flusher to make the last writes durable and stop; new writes are refused.
     pub fn stop(&self) {
         let _lock = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
-        self.shared.stopping.store(true, Ordering::Release);
-        self.shared.wake.notify_one();
+        self.shared.raise(&self.shared.stopping);
     }
 }
 
-async fn run_flusher(shared: Arc<Shared>) {
+/// Group commits, one after another, until the inboxes stop or are dropped.
+fn run_flusher(shared: &Shared) {
+    // Should a flush ever panic, writers waiting for it get an error, not a hang.
+    struct FailOnPanic<'a>(&'a Shared);
+    impl Drop for FailOnPanic<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.durable.send_modify(|d| d.failed = true);
+            }
+        }
+    }
+    let _fail_on_panic = FailOnPanic(shared);
     loop {
         let batch = {
-            let mut pending = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let durable = shared.durable.borrow().ticket;
-            if pending.ticket > durable {
-                Some((
-                    pending.ticket,
-                    pending.last_pos,
-                    std::mem::take(&mut pending.writes),
-                ))
-            } else {
-                None
+            let mut pending = shared.pending();
+            loop {
+                if pending.ticket > shared.durable.borrow().ticket {
+                    break Some((
+                        pending.ticket,
+                        pending.last_pos,
+                        std::mem::take(&mut pending.writes),
+                    ));
+                }
+                if shared.stopping.load(Ordering::Acquire)
+                    || shared.abandoned.load(Ordering::Acquire)
+                {
+                    break None;
+                }
+                pending = shared.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
             }
         };
         let Some((ticket, last_pos, writes)) = batch else {
-            if shared.stopping.load(Ordering::Acquire) {
-                if let Err(e) = shared.store.flush().await {
-                    error!(error = %e, "final store flush failed");
-                }
-                return;
+            if shared.stopping.load(Ordering::Acquire)
+                && let Err(e) = shared.store.sync_to_disk()
+            {
+                error!(error = %e, "final store flush failed");
             }
-            shared.wake.notified().await;
-            continue;
+            return;
         };
         let started = Instant::now();
-        let flushed = shared.store.flush().await;
+        let flushed = shared.store.sync_to_disk();
         shared
             .metrics
             .flush_seconds
@@ -300,7 +382,7 @@ async fn run_flusher(shared: Arc<Shared>) {
         }
         shared.committed_pos.store(last_pos, Ordering::Release);
         for write in writes {
-            publish(&shared, write.deliveries, write.applied_at);
+            publish(shared, write.deliveries, write.applied_at);
         }
         shared.durable.send_modify(|d| d.ticket = ticket);
     }
@@ -344,6 +426,48 @@ mod tests {
     use super::*;
     use hearth_client_api::ServerFrame;
     use hearth_client_api::model::EventContent;
+
+    fn inboxes(dir: &std::path::Path) -> (Inboxes, Flusher) {
+        let store = Store::open(dir).expect("store");
+        let metrics = Metrics::new();
+        let hub = Hub::new(16, metrics.clone());
+        Inboxes::start(store, hub, metrics).expect("inboxes")
+    }
+
+    #[tokio::test]
+    async fn a_write_is_durable_once_flushed_and_stop_ends_the_flusher() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (inboxes, flusher) = inboxes(dir.path());
+        let reply = inboxes
+            .write(|positions| {
+                let mut staged = Staged::nothing("done");
+                staged.writes.stream_pos = Some(positions.next_pos());
+                Ok(staged)
+            })
+            .await
+            .expect("write");
+        assert_eq!(reply, "done");
+        inboxes.stop();
+        let finished = tokio::time::timeout(std::time::Duration::from_secs(10), flusher.finished());
+        assert!(finished.await.expect("the flusher ends after stop"));
+        let refused = inboxes.apply(|_| Ok(Staged::nothing(())));
+        assert!(refused.is_err(), "writes after stop are refused");
+    }
+
+    #[tokio::test]
+    async fn inboxes_dropped_without_a_stop_let_the_flusher_thread_go() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (inboxes, flusher) = inboxes(dir.path());
+        let other = inboxes.clone();
+        drop(inboxes);
+        drop(other);
+        let finished = tokio::time::timeout(std::time::Duration::from_secs(10), flusher.finished());
+        assert!(
+            finished
+                .await
+                .expect("the flusher ends with its last handle")
+        );
+    }
 
     #[test]
     fn live_frames_carry_the_readers_position() {

@@ -60,6 +60,95 @@ async fn a_restart_keeps_history_memberships_and_cursors() {
     assert!(e.pos.expect("pos") > b.backlog[0].pos.expect("pos"));
 }
 
+/// Sequence numbers of a channel's events, oldest first, as its history gives them.
+async fn seqs_in(user: &hearth_tests::TestUser, channel: &str) -> Vec<u64> {
+    let page = user
+        .api
+        .history(channel, None, Some(200))
+        .await
+        .expect("history");
+    page.events.iter().rev().map(|e| e.seq).collect()
+}
+
+#[tokio::test]
+async fn membership_and_sequences_between_writes_match_what_a_restart_reads_back() {
+    let mut node = TestNode::start().await;
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let carol = node.user("carol").await;
+    let group = alice
+        .api
+        .create_group("busy", std::slice::from_ref(&bob.id))
+        .await
+        .expect("group");
+    let mut a = alice.connect().await;
+    let mut b = bob.connect().await;
+    // Sends and membership changes on the same channels, one write after another.
+    a.send_in(&group.id, "one").await;
+    let (_, direct) = a.send_to("bob", "psst").await;
+    b.send_in(&group.id, "two").await;
+    alice
+        .api
+        .remove_member(&group.id, &bob.id)
+        .await
+        .expect("bob removed");
+    let key = b.key();
+    b.send_frame(&hearth_client_api::ClientFrame::send(
+        key.clone(),
+        Target::Channel(group.id.clone()),
+        "still here?",
+    ))
+    .await;
+    assert_eq!(b.error().await, (ErrorCode::NotMember, Some(key)));
+    alice
+        .api
+        .add_member(&group.id, &carol.id)
+        .await
+        .expect("carol added");
+    let mut c = carol.connect().await;
+    c.send_in(&group.id, "three").await;
+    a.send_to("bob", "again").await;
+    let group_before = seqs_in(&alice, &group.id).await;
+    let direct_before = seqs_in(&alice, &direct).await;
+    assert_eq!(
+        group_before,
+        (0..group_before.len() as u64).collect::<Vec<_>>()
+    );
+    a.close().await;
+    b.close().await;
+    c.close().await;
+
+    node.restart().await;
+    let (alice, bob, carol) = (alice.on(&node), bob.on(&node), carol.on(&node));
+    assert_eq!(seqs_in(&alice, &group.id).await, group_before);
+    assert_eq!(seqs_in(&alice, &direct).await, direct_before);
+    let mut members: Vec<String> = alice
+        .api
+        .members(&group.id)
+        .await
+        .expect("members")
+        .members
+        .into_iter()
+        .map(|m| m.user)
+        .collect();
+    members.sort();
+    assert_eq!(members, ["alice@localhost", "carol@localhost"]);
+    // Sequences go on where they stood: no event is made twice at one place.
+    let mut c = carol.connect().await;
+    c.send_in(&group.id, "after").await;
+    let mut b = bob.connect().await;
+    b.send_to("alice", "back").await;
+    let group_after = seqs_in(&alice, &group.id).await;
+    assert_eq!(
+        group_after,
+        (0..group_before.len() as u64 + 1).collect::<Vec<_>>()
+    );
+    // A direct chat's history leaves out its two hidden membership events.
+    let mut direct_expected = direct_before.clone();
+    direct_expected.push(direct_before.last().expect("two messages") + 1);
+    assert_eq!(seqs_in(&alice, &direct).await, direct_expected);
+}
+
 #[tokio::test]
 async fn an_acknowledged_message_survives_sigkill() {
     let dir = tempfile::tempdir().expect("temp dir");
