@@ -6,7 +6,7 @@
 //! contains, so a prefix scan over `a\0` finds exactly the entries of `a`. Numbers
 //! in keys are big-endian so byte order is numeric order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -237,6 +237,11 @@ pub struct Store {
     engine: Engine,
     /// Serialises read-modify-write of account and device records.
     records: Arc<Mutex<()>>,
+    /// Where each channel and origin stood after the last write set that moved it,
+    /// so the next one need not read that back. [`Store::apply`] alone writes the
+    /// sequence index and the heads, one write set at a time, and updates this
+    /// only once its write set has landed.
+    origin_heads: Arc<Mutex<HashMap<Vec<u8>, OriginHead>>>,
     userid_account: Tree,
     tokenhash_device: Tree,
     userdevice_record: Tree,
@@ -341,6 +346,7 @@ impl Store {
             meta: t("meta")?,
             push: push::PushTrees::open(&engine)?,
             records: Arc::default(),
+            origin_heads: Arc::default(),
             engine,
         };
         match store.meta.get(META_SCHEMA)? {
@@ -899,8 +905,9 @@ impl Store {
             w.insert(&self.userpair_direct, pair_key(a, b), channel);
         }
         // Heads move once per channel and origin of the write set, after all its
-        // events are in: a round of sends has many per channel.
-        let mut moved: BTreeSet<(&str, &str)> = BTreeSet::new();
+        // events are in: a round of sends has many per channel. Each is one past
+        // the highest sequence this write set adds there.
+        let mut moved: BTreeMap<(&str, &str), u64> = BTreeMap::new();
         let mut new_seqs: BTreeSet<Vec<u8>> = BTreeSet::new();
         for (key, value, stored) in &events {
             let ev = &stored.event;
@@ -917,25 +924,34 @@ impl Store {
             let seq_key = key2(&co_str(&ev.channel, &ev.origin), &ev.seq.to_be_bytes());
             w.insert(&self.channeloriginseq_event, &seq_key, key);
             new_seqs.insert(seq_key);
-            moved.insert((ev.channel.as_str(), ev.origin.as_str()));
+            let end = moved
+                .entry((ev.channel.as_str(), ev.origin.as_str()))
+                .or_default();
+            *end = (*end).max(ev.seq.saturating_add(1));
         }
-        for (channel, origin) in &moved {
+        let mut heads = Vec::with_capacity(moved.len());
+        for ((channel, origin), added_end) in &moved {
             // The head is the next sequence this server expects from the origin in
             // the channel: it moves over every event held without a gap.
             let co = key2(channel, origin.as_bytes());
-            let mut head = match self.channelorigin_head.get(&co)? {
-                Some(v) => u64_of("channelorigin_head", &v)?,
-                None => 0,
-            };
             let seq_prefix = co_str(channel, origin);
+            let known = self.origin_heads().get(&co).copied();
+            let mut head = match known {
+                Some(head) => head,
+                None => self.stored_origin_head(&co, &seq_prefix)?,
+            };
             loop {
-                let k = key2(&seq_prefix, &head.to_be_bytes());
-                if !new_seqs.contains(&k) && !self.channeloriginseq_event.contains_key(&k)? {
+                let k = key2(&seq_prefix, &head.next.to_be_bytes());
+                let held = new_seqs.contains(&k)
+                    || (head.next < head.end && self.channeloriginseq_event.contains_key(&k)?);
+                if !held {
                     break;
                 }
-                head += 1;
+                head.next += 1;
             }
-            w.insert(&self.channelorigin_head, co, head.to_be_bytes());
+            head.end = head.end.max(*added_end).max(head.next);
+            w.insert(&self.channelorigin_head, &co, head.next.to_be_bytes());
+            heads.push((co, head));
         }
         for (key, id) in &outbox {
             w.insert(&self.destseq_outbox, key, id);
@@ -952,9 +968,53 @@ impl Store {
         if let Some(pos) = ws.stream_pos {
             w.insert(&self.meta, META_STREAM_POS, pos.to_be_bytes());
         }
-        w.commit()
+        w.commit()?;
+        let mut known = self.origin_heads();
+        for (co, head) in heads {
+            if known.len() >= MAX_ORIGIN_HEADS
+                && !known.contains_key(&co)
+                && let Some(k) = known.keys().next().cloned()
+            {
+                known.remove(&k);
+            }
+            known.insert(co, head);
+        }
+        Ok(())
+    }
+
+    fn origin_heads(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, OriginHead>> {
+        self.origin_heads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A channel's head for one origin as stored, and how far its events go.
+    fn stored_origin_head(&self, co: &[u8], seq_prefix: &str) -> StoreResult<OriginHead> {
+        let next = match self.channelorigin_head.get(co)? {
+            Some(v) => u64_of("channelorigin_head", &v)?,
+            None => 0,
+        };
+        let p = prefix(seq_prefix);
+        let end = match self.channeloriginseq_event.scan_prefix(&p).next_back() {
+            Some(entry) => {
+                u64_of("channeloriginseq_event", &entry?.0[p.len()..])?.saturating_add(1)
+            }
+            None => 0,
+        };
+        Ok(OriginHead { next, end })
     }
 }
+
+/// How far a channel's events from one origin are held.
+#[derive(Debug, Clone, Copy)]
+struct OriginHead {
+    /// Every sequence below it is held (the stored head).
+    next: u64,
+    /// One past the highest sequence held: nothing at or past it is stored, so the
+    /// head need not look for events that arrived ahead of a gap.
+    end: u64,
+}
+
+/// Origin heads remembered at most; past that an arbitrary one makes room.
+const MAX_ORIGIN_HEADS: usize = 4096;
 
 /// `channel\0origin` as one string key part, for the per-origin sequence index.
 fn co_str(channel: &str, origin: &str) -> String {
@@ -1028,6 +1088,54 @@ mod reopen_tests {
         }
         let store = Store::open(dir.path()).expect("reopen");
         assert_eq!(store.stream_pos().expect("pos"), 8);
+    }
+
+    fn remote_message(seq: u64) -> StoredEvent {
+        StoredEvent {
+            id: format!("$remote-{seq}"),
+            event: SignedEvent {
+                v: hearth_federation::event::EVENT_VERSION,
+                channel: "c@b.example".into(),
+                origin: "b.example".into(),
+                sender: "bob@b.example".into(),
+                seq,
+                ts: 1_000 + seq,
+                mver: 2,
+                content: hearth_federation::event::EventContent::Message {
+                    body: format!("message {seq}"),
+                },
+                signatures: BTreeMap::new(),
+            },
+        }
+    }
+
+    fn take_in(store: &Store, seqs: &[u64]) -> u64 {
+        let w = WriteSet {
+            events: seqs.iter().map(|&s| remote_message(s)).collect(),
+            ..WriteSet::default()
+        };
+        store.apply(&w).expect("apply");
+        store.heads("c@b.example").expect("heads")["b.example"]
+    }
+
+    #[tokio::test]
+    async fn an_origins_head_waits_at_a_gap_and_then_moves_over_what_came_ahead() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let store = Store::open(dir.path()).expect("open");
+            assert_eq!(take_in(&store, &[0]), 1);
+            assert_eq!(take_in(&store, &[2, 3]), 1, "2 and 3 wait for 1");
+            assert_eq!(take_in(&store, &[1]), 4, "1 fills the gap");
+            assert_eq!(take_in(&store, &[5]), 4, "5 waits for 4");
+            store.checkpoint().await.expect("checkpoint");
+        }
+        // Opened again, the store knows nothing of the earlier writes but what it
+        // reads back: 5 is held ahead of the gap at 4.
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(store.heads("c@b.example").expect("heads")["b.example"], 4);
+        assert_eq!(take_in(&store, &[4]), 6);
+        assert_eq!(take_in(&store, &[7]), 6);
+        assert_eq!(take_in(&store, &[6]), 8);
     }
 
     #[test]
