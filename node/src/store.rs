@@ -859,9 +859,14 @@ impl Store {
                 )
             })
             .collect();
-        let mut outbox_seq = match self.meta.get(META_OUTBOX_SEQ)? {
-            Some(v) => u64_of("meta", &v)?,
-            None => 0,
+        // Only a write set with outbox entries needs the counter (most hold none).
+        let mut outbox_seq = if ws.outbox.is_empty() {
+            0
+        } else {
+            match self.meta.get(META_OUTBOX_SEQ)? {
+                Some(v) => u64_of("meta", &v)?,
+                None => 0,
+            }
         };
         let outbox: Vec<(Vec<u8>, &str)> = ws
             .outbox
