@@ -40,6 +40,10 @@ pub struct Cli {
     /// No progress bar and no table (the report is still written).
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Threads of the tool's own runtime; 1 runs the whole load on one thread
+    /// [default: one per core].
+    #[arg(long, global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// What to measure.
     #[command(subcommand)]
     pub scenario: Scenario,
@@ -225,6 +229,7 @@ pub async fn run(cli: Cli) -> Result<Report> {
         Scenario::Federation(a) => scenario::federation::run(&env, a).await?,
         Scenario::Restart(a) => scenario::restart::run(&env, a).await?,
     };
+    report.tool_threads = tokio::runtime::Handle::current().metrics().num_workers();
     let stem = format!("{name}-{}", report.date.replace(':', ""));
     if let Some(plot) = plot {
         std::fs::create_dir_all(&cli.out)?;

@@ -43,6 +43,8 @@ pub struct Report {
     pub settings: serde_json::Value,
     /// See [`DURABILITY`].
     pub durability: &'static str,
+    /// Threads of the tool's runtime (they share the machine with the node).
+    pub tool_threads: usize,
     /// CPU use of the tool and of the node over the measured phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuUse>,
@@ -69,6 +71,7 @@ impl Report {
             machine: Machine::detect(),
             settings,
             durability: DURABILITY,
+            tool_threads: 0,
             cpu: None,
             node_rss_kib: None,
             figures: Vec::new(),
@@ -152,6 +155,11 @@ impl Report {
             ] {
                 rows.push([what.into(), value, String::new()]);
             }
+            rows.push([
+                "bench runtime threads".into(),
+                self.tool_threads.to_string(),
+                String::new(),
+            ]);
         }
         if let Some(rss) = self.node_rss_kib {
             rows.push([

@@ -91,6 +91,8 @@ async fn direct_pairs_lose_nothing() {
             .and_then(|c| c.node_cpu_wait_s)
             .is_some_and(|w| w >= 0.0)
     );
+    // The report says how many threads the tool's runtime had.
+    assert!(r.tool_threads >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
