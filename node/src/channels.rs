@@ -26,7 +26,9 @@ use crate::metrics::Metrics;
 use crate::store::{
     AckRecord, ChannelPos, ChannelRecord, MemberRecord, Store, StoredEvent, WriteSet,
 };
-use crate::sync::{Delivery, Inboxes, Positions, Staged, WriteTicket};
+use crate::sync::{
+    BeforeFlush, Delivery, FlusherWake, Inboxes, Positions, Staged, not_durable, shutting_down,
+};
 
 /// Where a message goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,8 +162,10 @@ fn pair_of(a: &str, b: &str) -> (String, String) {
 ///
 /// A send is the node's hottest write, and one store transaction per message costs
 /// several times what one transaction for a whole group of them does. So sends queue
-/// here, and one drainer at a time stages everything queued in one [`Batch`]; what
-/// arrives meanwhile waits for the next round.
+/// here, and one drainer at a time stages everything queued, in rounds of one
+/// [`Batch`] each; what arrives meanwhile waits for the next round. The drainer is
+/// the inboxes' flusher when it is waiting (no thread hand-off: [`SendRounds`]),
+/// else a blocking thread, so that staging goes on while a flush does.
 #[derive(Default)]
 struct SendQueue {
     waiting: Vec<QueuedSend>,
@@ -173,7 +177,69 @@ struct QueuedSend {
     key: String,
     target: Target,
     body: String,
-    reply: tokio::sync::oneshot::Sender<ApiResult<(WriteTicket, Ack)>>,
+    /// Answered once the message is durable (or refused).
+    reply: tokio::sync::oneshot::Sender<ApiResult<Ack>>,
+}
+
+/// The flusher's hook that stages queued sends (see [`SendQueue`]).
+struct SendRounds {
+    /// With [`Inboxes::detached`] inboxes: the hook must not keep the flusher alive.
+    channels: Channels,
+    /// For a blocking thread to go on draining, and for waking outboxes from the
+    /// flusher's thread (a new outbox is a task).
+    runtime: tokio::runtime::Handle,
+}
+
+impl BeforeFlush for SendRounds {
+    fn stage(&self) {
+        // What is queued now; whatever comes meanwhile is a blocking thread's, so the
+        // flusher gets on with the flush.
+        let _drainer = Drainer(&self.channels.sends);
+        let waiting = {
+            let mut queue = self
+                .channels
+                .sends
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut queue.waiting)
+        };
+        let mut waiting = waiting.into_iter().peekable();
+        while waiting.peek().is_some() {
+            let round: Vec<QueuedSend> = waiting.by_ref().take(MAX_SENDS_PER_ROUND).collect();
+            self.channels.stage_sends(round, &self.runtime);
+        }
+        let more = {
+            let mut queue = self
+                .channels
+                .sends
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            queue.draining = !queue.waiting.is_empty();
+            queue.draining
+        };
+        if more {
+            let channels = self.channels.clone();
+            let runtime = self.runtime.clone();
+            self.runtime
+                .spawn_blocking(move || channels.drain_sends(&runtime));
+        }
+    }
+}
+
+/// Held by the one drainer of the send queue. Should staging ever panic, the
+/// queue must not stay marked as drained by a thread that is gone: every later
+/// send would wait forever.
+struct Drainer<'a>(&'a Mutex<SendQueue>);
+
+impl Drop for Drainer<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            queue.draining = false;
+            // Their senders get an error rather than an answer.
+            queue.waiting.clear();
+        }
+    }
 }
 
 const MAX_KEY_CHARS: usize = 64;
@@ -969,34 +1035,48 @@ impl Channels {
             !std::mem::replace(&mut queue.draining, true)
         };
         if lead {
-            let channels = self.clone();
-            let runtime = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || channels.drain_sends(&runtime));
+            match self.inboxes.wake_flusher() {
+                FlusherWake::Woken => {}
+                FlusherWake::Busy => {
+                    let channels = self.clone();
+                    let runtime = tokio::runtime::Handle::current();
+                    tokio::task::spawn_blocking(move || channels.drain_sends(&runtime));
+                }
+                FlusherWake::Gone => {
+                    // The node is stopping: answer whatever is queued.
+                    let waiting = {
+                        let mut queue = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+                        queue.draining = false;
+                        std::mem::take(&mut queue.waiting)
+                    };
+                    for send in waiting {
+                        let _ = send.reply.send(Err(shutting_down()));
+                    }
+                }
+            }
         }
-        let (ticket, ack) = answer
+        let ack = answer
             .await
             .map_err(|_| internal("a queued send was dropped"))??;
-        self.inboxes.durable(ticket).await?;
         self.metrics.messages.inc();
         Ok(ack)
+    }
+
+    /// The flusher's hook that stages queued sends; set once at start-up, on the
+    /// runtime the node serves on.
+    pub fn send_rounds(&self) -> Arc<dyn BeforeFlush> {
+        Arc::new(SendRounds {
+            channels: Channels {
+                inboxes: self.inboxes.detached(),
+                ..self.clone()
+            },
+            runtime: tokio::runtime::Handle::current(),
+        })
     }
 
     /// Stages queued sends, round after round, until none are left. Runs on a
     /// blocking thread: staging is synchronous work under the write lock.
     fn drain_sends(&self, runtime: &tokio::runtime::Handle) {
-        // If staging ever panicked, the queue must not stay marked as drained by a
-        // thread that is gone: every later send would wait forever.
-        struct Drainer<'a>(&'a Mutex<SendQueue>);
-        impl Drop for Drainer<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
-                    queue.draining = false;
-                    // Their senders get an error rather than an answer.
-                    queue.waiting.clear();
-                }
-            }
-        }
         let _drainer = Drainer(&self.sends);
         loop {
             let sends = {
@@ -1012,8 +1092,8 @@ impl Channels {
         }
     }
 
-    /// Stages a round of sends in one write and answers each; the senders then wait
-    /// for the write's group commit themselves.
+    /// Stages a round of sends in one write; each sender is answered once it is
+    /// durable, on the flusher's thread (or at once with the write's error).
     fn stage_sends(&self, sends: Vec<QueuedSend>, runtime: &tokio::runtime::Handle) {
         let mut servers = Vec::new();
         let applied = self.inboxes.apply(|positions| {
@@ -1028,21 +1108,26 @@ impl Channels {
         });
         match applied {
             Ok((ticket, answers)) => {
-                for (send, answer) in sends.into_iter().zip(answers) {
-                    let _ = send.reply.send(answer.map(|ack| (ticket, ack)));
-                }
-                if !servers.is_empty()
-                    && let Some(remote) = self.remote.get().cloned()
-                {
-                    // Outboxes wake once the events are durable: a crash must not take
-                    // back an event another server already holds.
-                    let inboxes = self.inboxes.clone();
-                    runtime.spawn(async move {
-                        if inboxes.durable(ticket).await.is_ok() {
+                let replies: Vec<_> = sends.into_iter().map(|send| send.reply).collect();
+                let remote = self.remote.get().cloned();
+                let runtime = runtime.clone();
+                self.inboxes.after_durable(
+                    ticket,
+                    Box::new(move |durable| {
+                        for (reply, answer) in replies.into_iter().zip(answers) {
+                            let _ = reply.send(if durable { answer } else { Err(not_durable()) });
+                        }
+                        // Outboxes wake once the events are durable: a crash must not
+                        // take back an event another server already holds.
+                        if durable
+                            && !servers.is_empty()
+                            && let Some(remote) = remote
+                        {
+                            let _runtime = runtime.enter();
                             remote.outbox_ready(servers);
                         }
-                    });
-                }
+                    }),
+                );
             }
             Err(e) => {
                 for send in sends {

@@ -135,6 +135,7 @@ impl Node {
             },
             metrics.clone(),
         );
+        inboxes.set_before_flush(channels.send_rounds());
         let presence = Presence::new(
             store.clone(),
             hub.clone(),

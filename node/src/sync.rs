@@ -70,6 +70,45 @@ impl<T> Staged<T> {
     }
 }
 
+/// What to do once a write is durable (see [`Inboxes::after_durable`]); told whether
+/// it is (`false`: the store could not make it so).
+pub type AfterFlush = Box<dyn FnOnce(bool) + Send>;
+
+/// Work the flusher does itself before a group commit, when asked to with
+/// [`Inboxes::wake_flusher`]: the node stages queued sends there. On the flusher's
+/// own thread that costs no hand-off to another thread and back.
+pub trait BeforeFlush: Send + Sync {
+    /// Applies what is queued, through [`Inboxes::apply`].
+    fn stage(&self);
+}
+
+/// What [`Inboxes::wake_flusher`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlusherWake {
+    /// The flusher was waiting; it runs its hook now.
+    Woken,
+    /// The flusher is flushing; its hook would wait for that to end.
+    Busy,
+    /// The flusher has ended (the node stopped): nothing will be staged.
+    Gone,
+}
+
+/// The error for a write refused because the node is stopping.
+pub fn shutting_down() -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        "the server is shutting down; try again shortly",
+    )
+}
+
+/// The error for a write that could not be made durable.
+pub fn not_durable() -> ApiError {
+    ApiError::new(
+        ErrorCode::Internal,
+        "the server could not store this durably; try again",
+    )
+}
+
 /// A write that was applied and waits for its group commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct WriteTicket(u64);
@@ -92,6 +131,25 @@ struct Pending {
     ticket: u64,
     writes: Vec<AppliedWrite>,
     last_pos: u64,
+    /// Waiting for the flush that covers their ticket (see [`Inboxes::after_durable`]).
+    afters: Vec<(u64, AfterFlush)>,
+    /// [`Inboxes::wake_flusher`] was called since the flusher last staged.
+    stage_wanted: bool,
+    /// The flusher is between taking a batch and marking it durable.
+    flushing: bool,
+    /// The flusher has ended: nothing staged or flushed any more.
+    flusher_gone: bool,
+}
+
+impl Pending {
+    /// Takes the callbacks of writes up to `ticket`, to run once it is settled.
+    fn settled_afters(&mut self, ticket: u64) -> Vec<AfterFlush> {
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.afters)
+            .into_iter()
+            .partition(|(t, _)| *t <= ticket);
+        self.afters = later;
+        due.into_iter().map(|(_, after)| after).collect()
+    }
 }
 
 /// The deliveries of one applied write, waiting for their group commit.
@@ -125,6 +183,8 @@ struct Shared {
     /// ends without a final flush, as the runtime's tasks do.
     abandoned: AtomicBool,
     offline: OnceLock<Arc<dyn OfflineSink>>,
+    /// Dropped by the flusher when it ends: the hook usually holds these inboxes.
+    before_flush: Mutex<Option<Arc<dyn BeforeFlush>>>,
 }
 
 impl Shared {
@@ -144,7 +204,8 @@ impl Shared {
 #[derive(Clone)]
 pub struct Inboxes {
     shared: Arc<Shared>,
-    _holders: Arc<Holders>,
+    /// `None` in a [`Inboxes::detached`] handle.
+    _holders: Option<Arc<Holders>>,
 }
 
 /// Shared by every [`Inboxes`] clone (the flusher holds [`Shared`] but not this):
@@ -194,6 +255,7 @@ impl Inboxes {
             stopping: AtomicBool::new(false),
             abandoned: AtomicBool::new(false),
             offline: OnceLock::new(),
+            before_flush: Mutex::new(None),
         });
         let (finished, done) = oneshot::channel();
         let flushing = shared.clone();
@@ -211,7 +273,7 @@ impl Inboxes {
             })?;
         Ok((
             Inboxes {
-                _holders: Arc::new(Holders(shared.clone())),
+                _holders: Some(Arc::new(Holders(shared.clone()))),
                 shared,
             },
             Flusher { done },
@@ -240,10 +302,7 @@ impl Inboxes {
         let ticket = {
             let mut writer = self.shared.writer.lock().unwrap_or_else(|e| e.into_inner());
             if self.shared.stopping.load(Ordering::Acquire) {
-                return Err(ApiError::new(
-                    ErrorCode::Internal,
-                    "the server is shutting down; try again shortly",
-                ));
+                return Err(shutting_down());
             }
             let mut positions = Positions { next: *writer };
             let mut staged = stage(&mut positions)?;
@@ -279,6 +338,55 @@ impl Inboxes {
         Ok(ticket)
     }
 
+    /// A handle that works like this one but does not keep the flusher running: for
+    /// the flusher's own [`BeforeFlush`] hook, which would otherwise keep itself alive.
+    pub fn detached(&self) -> Inboxes {
+        Inboxes {
+            shared: self.shared.clone(),
+            _holders: None,
+        }
+    }
+
+    /// Sets the work the flusher does before each group commit it is woken for
+    /// with [`Inboxes::wake_flusher`] (once, at start-up).
+    pub fn set_before_flush(&self, hook: Arc<dyn BeforeFlush>) {
+        *self
+            .shared
+            .before_flush
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// Asks the flusher to run its [`BeforeFlush`] hook and then flush, if it is
+    /// waiting: when it is flushing, the caller had better stage elsewhere.
+    pub fn wake_flusher(&self) -> FlusherWake {
+        let mut pending = self.shared.pending();
+        if pending.flusher_gone {
+            return FlusherWake::Gone;
+        }
+        if pending.flushing {
+            return FlusherWake::Busy;
+        }
+        pending.stage_wanted = true;
+        self.shared.wake.notify_one();
+        FlusherWake::Woken
+    }
+
+    /// Runs `after` once the write behind `ticket` is durable, on the flusher's
+    /// thread (at once, here, if it already is): what [`Inboxes::durable`] is to a
+    /// task, without a task to wake. `after` must not block.
+    pub fn after_durable(&self, ticket: WriteTicket, after: AfterFlush) {
+        let WriteTicket(ticket) = ticket;
+        let mut pending = self.shared.pending();
+        let state = *self.shared.durable.borrow();
+        if state.failed || state.ticket >= ticket {
+            drop(pending);
+            after(!state.failed);
+            return;
+        }
+        pending.afters.push((ticket, after));
+    }
+
     /// Waits until the write behind `ticket` is durable (and its deliveries published).
     pub async fn durable(&self, ticket: WriteTicket) -> ApiResult<()> {
         let WriteTicket(ticket) = ticket;
@@ -292,10 +400,7 @@ impl Inboxes {
                 failed: true,
             });
         if state.failed {
-            return Err(ApiError::new(
-                ErrorCode::Internal,
-                "the server could not store this durably; try again",
-            ));
+            return Err(not_durable());
         }
         Ok(())
     }
@@ -335,36 +440,63 @@ fn run_flusher(shared: &Shared) {
     impl Drop for FailOnPanic<'_> {
         fn drop(&mut self) {
             if std::thread::panicking() {
+                let afters = {
+                    let mut pending = self.0.pending();
+                    pending.flusher_gone = true;
+                    std::mem::take(&mut pending.afters)
+                };
                 self.0.durable.send_modify(|d| d.failed = true);
+                for (_, after) in afters {
+                    after(false);
+                }
             }
         }
     }
     let _fail_on_panic = FailOnPanic(shared);
     loop {
-        let batch = {
+        let stage = {
             let mut pending = shared.pending();
-            loop {
-                if pending.ticket > shared.durable.borrow().ticket {
-                    break Some((
-                        pending.ticket,
-                        pending.last_pos,
-                        std::mem::take(&mut pending.writes),
-                    ));
-                }
-                if shared.stopping.load(Ordering::Acquire)
-                    || shared.abandoned.load(Ordering::Acquire)
-                {
-                    break None;
-                }
+            while !(pending.stage_wanted
+                || pending.ticket > shared.durable.borrow().ticket
+                || shared.stopping.load(Ordering::Acquire)
+                || shared.abandoned.load(Ordering::Acquire))
+            {
                 pending = shared.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
             }
+            std::mem::take(&mut pending.stage_wanted)
+        };
+        if stage {
+            stage_before_flush(shared);
+        }
+        let batch = {
+            let mut pending = shared.pending();
+            let batch = (pending.ticket > shared.durable.borrow().ticket).then(|| {
+                (
+                    pending.ticket,
+                    pending.last_pos,
+                    std::mem::take(&mut pending.writes),
+                )
+            });
+            pending.flushing = batch.is_some();
+            batch
         };
         let Some((ticket, last_pos, writes)) = batch else {
+            if stage {
+                continue;
+            }
+            // Woken to stop, or with no handle left.
             if shared.stopping.load(Ordering::Acquire)
                 && let Err(e) = shared.store.sync_to_disk()
             {
                 error!(error = %e, "final store flush failed");
             }
+            shared.pending().flusher_gone = true;
+            // The hook usually holds these inboxes; let both go.
+            shared
+                .before_flush
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             return;
         };
         let started = Instant::now();
@@ -373,18 +505,48 @@ fn run_flusher(shared: &Shared) {
             .metrics
             .flush_seconds
             .observe(started.elapsed().as_secs_f64());
-        if let Err(e) = flushed {
-            // Nothing of this batch is acknowledged or delivered; the writers get an
-            // error and their clients resend with the same idempotency keys.
-            error!(error = %e, "store flush failed; refusing acknowledgements");
-            shared.durable.send_modify(|d| d.failed = true);
-            return;
+        let durable = match flushed {
+            Ok(()) => {
+                shared.committed_pos.store(last_pos, Ordering::Release);
+                for write in writes {
+                    publish(shared, write.deliveries, write.applied_at);
+                }
+                !shared.durable.borrow().failed
+            }
+            Err(e) => {
+                // Nothing of this batch is acknowledged or delivered; the writers get
+                // an error and their clients resend with the same idempotency keys.
+                // The failure sticks: the store's journal is in doubt.
+                error!(error = %e, "store flush failed; refusing acknowledgements");
+                false
+            }
+        };
+        let afters = {
+            let mut pending = shared.pending();
+            pending.flushing = false;
+            shared.durable.send_modify(|d| {
+                d.ticket = ticket;
+                d.failed |= !durable;
+            });
+            pending.settled_afters(ticket)
+        };
+        for after in afters {
+            after(durable);
         }
-        shared.committed_pos.store(last_pos, Ordering::Release);
-        for write in writes {
-            publish(shared, write.deliveries, write.applied_at);
-        }
-        shared.durable.send_modify(|d| d.ticket = ticket);
+    }
+}
+
+/// Runs the flusher's hook; a panic in it costs that round, not the flusher.
+fn stage_before_flush(shared: &Shared) {
+    let hook = shared
+        .before_flush
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(hook) = hook
+        && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook.stage())).is_err()
+    {
+        error!("staging queued sends panicked; their senders get an error");
     }
 }
 
@@ -452,6 +614,63 @@ mod tests {
         assert!(finished.await.expect("the flusher ends after stop"));
         let refused = inboxes.apply(|_| Ok(Staged::nothing(())));
         assert!(refused.is_err(), "writes after stop are refused");
+    }
+
+    /// A hook that applies one write per wake and says when it is durable.
+    struct OneWrite {
+        inboxes: Inboxes,
+        heard: std::sync::mpsc::Sender<(&'static str, bool)>,
+    }
+
+    impl BeforeFlush for OneWrite {
+        fn stage(&self) {
+            let (ticket, ()) = self
+                .inboxes
+                .apply(|positions| {
+                    let mut staged = Staged::nothing(());
+                    staged.writes.stream_pos = Some(positions.next_pos());
+                    Ok(staged)
+                })
+                .expect("apply");
+            let heard = self.heard.clone();
+            self.inboxes.after_durable(
+                ticket,
+                Box::new(move |durable| {
+                    let _ = heard.send(("staged by the flusher", durable));
+                }),
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_flusher_stages_when_woken_and_answers_once_durable() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (inboxes, flusher) = inboxes(dir.path());
+        let (heard, hear) = std::sync::mpsc::channel();
+        inboxes.set_before_flush(Arc::new(OneWrite {
+            inboxes: inboxes.detached(),
+            heard: heard.clone(),
+        }));
+        assert_ne!(inboxes.wake_flusher(), FlusherWake::Gone);
+        let wait = std::time::Duration::from_secs(10);
+        assert_eq!(hear.recv_timeout(wait), Ok(("staged by the flusher", true)));
+        assert_eq!(inboxes.committed_pos(), 1, "the staged write is committed");
+
+        // A write already durable is answered at once, on the caller's thread.
+        let (ticket, ()) = inboxes.apply(|_| Ok(Staged::nothing(()))).expect("apply");
+        inboxes.durable(ticket).await.expect("durable");
+        inboxes.after_durable(
+            ticket,
+            Box::new(move |durable| {
+                let _ = heard.send(("already durable", durable));
+            }),
+        );
+        assert_eq!(hear.try_recv(), Ok(("already durable", true)));
+
+        inboxes.stop();
+        let finished = tokio::time::timeout(wait, flusher.finished());
+        assert!(finished.await.expect("the flusher ends after stop"));
+        assert_eq!(inboxes.wake_flusher(), FlusherWake::Gone);
     }
 
     #[tokio::test]
