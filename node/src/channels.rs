@@ -196,11 +196,7 @@ impl BeforeFlush for SendRounds {
         // flusher gets on with the flush.
         let _drainer = Drainer(&self.channels.sends);
         let waiting = {
-            let mut queue = self
-                .channels
-                .sends
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut queue = self.channels.send_queue();
             std::mem::take(&mut queue.waiting)
         };
         let mut waiting = waiting.into_iter().peekable();
@@ -209,11 +205,7 @@ impl BeforeFlush for SendRounds {
             self.channels.stage_sends(round, &self.runtime);
         }
         let more = {
-            let mut queue = self
-                .channels
-                .sends
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut queue = self.channels.send_queue();
             queue.draining = !queue.waiting.is_empty();
             queue.draining
         };
@@ -854,6 +846,10 @@ impl Channels {
         }
     }
 
+    fn send_queue(&self) -> std::sync::MutexGuard<'_, SendQueue> {
+        self.sends.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// What the writes remember; only to be used under the inboxes' write lock.
     fn known(&self) -> std::sync::MutexGuard<'_, KnownChannels> {
         self.known.lock().unwrap_or_else(|e| e.into_inner())
@@ -1024,7 +1020,7 @@ impl Channels {
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let lead = {
-            let mut queue = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+            let mut queue = self.send_queue();
             queue.waiting.push(QueuedSend {
                 sender: auth.user.clone(),
                 key: key.to_string(),
@@ -1045,7 +1041,7 @@ impl Channels {
                 FlusherWake::Gone => {
                     // The node is stopping: answer whatever is queued.
                     let waiting = {
-                        let mut queue = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut queue = self.send_queue();
                         queue.draining = false;
                         std::mem::take(&mut queue.waiting)
                     };
@@ -1080,7 +1076,7 @@ impl Channels {
         let _drainer = Drainer(&self.sends);
         loop {
             let sends = {
-                let mut queue = self.sends.lock().unwrap_or_else(|e| e.into_inner());
+                let mut queue = self.send_queue();
                 if queue.waiting.is_empty() {
                     queue.draining = false;
                     return;
