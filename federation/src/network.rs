@@ -258,7 +258,13 @@ pub fn new(
             })
         })
         .map_err(|e| setup(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_timeout))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_timeout)
+                // Every push is a new substream: let its request ride along with the
+                // protocol proposal instead of waiting a round trip for the answer.
+                // Peers are Hearth servers, which all speak the protocols proposed.
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
 
     let topic = IdentTopic::new(PRESENCE_TOPIC);
