@@ -87,7 +87,7 @@ pub trait BeforeFlush: Send + Sync {
 pub enum FlusherWake {
     /// The flusher was waiting; it runs its hook now.
     Woken,
-    /// The flusher is flushing; its hook would wait for that to end.
+    /// The flusher is at work (or has no hook): staging there would wait for it.
     Busy,
     /// The flusher has ended (the node stopped): nothing will be staged.
     Gone,
@@ -135,8 +135,8 @@ struct Pending {
     afters: Vec<(u64, AfterFlush)>,
     /// [`Inboxes::wake_flusher`] was called since the flusher last staged.
     stage_wanted: bool,
-    /// The flusher is between taking a batch and marking it durable.
-    flushing: bool,
+    /// The flusher is waiting for work (not staging, not flushing).
+    flusher_idle: bool,
     /// The flusher has ended: nothing staged or flushed any more.
     flusher_gone: bool,
 }
@@ -358,16 +358,24 @@ impl Inboxes {
     }
 
     /// Asks the flusher to run its [`BeforeFlush`] hook and then flush, if it is
-    /// waiting: when it is flushing, the caller had better stage elsewhere.
+    /// waiting for work: when it is at work, the caller had better stage elsewhere,
+    /// so that staging goes on while it flushes.
     pub fn wake_flusher(&self) -> FlusherWake {
         let mut pending = self.shared.pending();
         if pending.flusher_gone {
             return FlusherWake::Gone;
         }
-        if pending.flushing {
+        let hooked = self
+            .shared
+            .before_flush
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if !pending.flusher_idle || !hooked {
             return FlusherWake::Busy;
         }
         pending.stage_wanted = true;
+        pending.flusher_idle = false;
         self.shared.wake.notify_one();
         FlusherWake::Woken
     }
@@ -461,8 +469,10 @@ fn run_flusher(shared: &Shared) {
                 || shared.stopping.load(Ordering::Acquire)
                 || shared.abandoned.load(Ordering::Acquire))
             {
+                pending.flusher_idle = true;
                 pending = shared.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
             }
+            pending.flusher_idle = false;
             std::mem::take(&mut pending.stage_wanted)
         };
         if stage {
@@ -470,15 +480,13 @@ fn run_flusher(shared: &Shared) {
         }
         let batch = {
             let mut pending = shared.pending();
-            let batch = (pending.ticket > shared.durable.borrow().ticket).then(|| {
+            (pending.ticket > shared.durable.borrow().ticket).then(|| {
                 (
                     pending.ticket,
                     pending.last_pos,
                     std::mem::take(&mut pending.writes),
                 )
-            });
-            pending.flushing = batch.is_some();
-            batch
+            })
         };
         let Some((ticket, last_pos, writes)) = batch else {
             if stage {
@@ -523,7 +531,6 @@ fn run_flusher(shared: &Shared) {
         };
         let afters = {
             let mut pending = shared.pending();
-            pending.flushing = false;
             shared.durable.send_modify(|d| {
                 d.ticket = ticket;
                 d.failed |= !durable;
@@ -651,8 +658,16 @@ mod tests {
             inboxes: inboxes.detached(),
             heard: heard.clone(),
         }));
-        assert_ne!(inboxes.wake_flusher(), FlusherWake::Gone);
+        // Busy until the flusher thread is waiting for work.
         let wait = std::time::Duration::from_secs(10);
+        let started = std::time::Instant::now();
+        while inboxes.wake_flusher() != FlusherWake::Woken {
+            assert!(
+                started.elapsed() < wait,
+                "the flusher never waited for work"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert_eq!(hear.recv_timeout(wait), Ok(("staged by the flusher", true)));
         assert_eq!(inboxes.committed_pos(), 1, "the staged write is committed");
 
@@ -677,6 +692,12 @@ mod tests {
     async fn inboxes_dropped_without_a_stop_let_the_flusher_thread_go() {
         let dir = tempfile::tempdir().expect("dir");
         let (inboxes, flusher) = inboxes(dir.path());
+        // A hook that holds the inboxes (detached) does not keep the flusher alive.
+        let (heard, _hear) = std::sync::mpsc::channel();
+        inboxes.set_before_flush(Arc::new(OneWrite {
+            inboxes: inboxes.detached(),
+            heard,
+        }));
         let other = inboxes.clone();
         drop(inboxes);
         drop(other);
