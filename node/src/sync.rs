@@ -649,15 +649,20 @@ mod tests {
         }
     }
 
+    /// Gives `inboxes` a [`OneWrite`] hook that reports on `heard`.
+    fn hook_one_write(inboxes: &Inboxes, heard: std::sync::mpsc::Sender<(&'static str, bool)>) {
+        inboxes.set_before_flush(Arc::new(OneWrite {
+            inboxes: inboxes.detached(),
+            heard,
+        }));
+    }
+
     #[tokio::test]
     async fn the_flusher_stages_when_woken_and_answers_once_durable() {
         let dir = tempfile::tempdir().expect("dir");
         let (inboxes, flusher) = inboxes(dir.path());
         let (heard, hear) = std::sync::mpsc::channel();
-        inboxes.set_before_flush(Arc::new(OneWrite {
-            inboxes: inboxes.detached(),
-            heard: heard.clone(),
-        }));
+        hook_one_write(&inboxes, heard.clone());
         // Busy until the flusher thread is waiting for work.
         let wait = std::time::Duration::from_secs(10);
         let started = std::time::Instant::now();
@@ -694,10 +699,7 @@ mod tests {
         let (inboxes, flusher) = inboxes(dir.path());
         // A hook that holds the inboxes (detached) does not keep the flusher alive.
         let (heard, _hear) = std::sync::mpsc::channel();
-        inboxes.set_before_flush(Arc::new(OneWrite {
-            inboxes: inboxes.detached(),
-            heard,
-        }));
+        hook_one_write(&inboxes, heard);
         let other = inboxes.clone();
         drop(inboxes);
         drop(other);
