@@ -21,6 +21,7 @@ use hearth_federation::{EventError, SignedEvent};
 use tracing::instrument;
 
 use crate::accounts::{Accounts, DeviceAuth};
+use crate::bounded::BoundedMap;
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::Metrics;
 use crate::store::{
@@ -117,11 +118,10 @@ pub struct Channels {
 /// states it uses and puts them back (changed) once it is applied, so what is
 /// here always matches the store. A write that fails leaves its channels out, to
 /// be loaded afresh by the next.
-#[derive(Default)]
 struct KnownChannels {
-    states: HashMap<String, ChannelState>,
+    states: BoundedMap<String, ChannelState>,
     /// The direct channel of a pair, by [`pair_of`].
-    direct: HashMap<(String, String), String>,
+    direct: BoundedMap<(String, String), String>,
 }
 
 /// Channels (and, apart, direct pairs) kept in [`KnownChannels`] at most; past
@@ -129,23 +129,12 @@ struct KnownChannels {
 /// hundred bytes for a direct channel, some kilobytes for a full group.
 const MAX_KNOWN_CHANNELS: usize = 1024;
 
-impl KnownChannels {
-    fn put_state(&mut self, channel: String, state: ChannelState) {
-        make_room(&mut self.states);
-        self.states.insert(channel, state);
-    }
-
-    fn put_pair(&mut self, a: &str, b: &str, channel: String) {
-        make_room(&mut self.direct);
-        self.direct.insert(pair_of(a, b), channel);
-    }
-}
-
-fn make_room<K: Clone + Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
-    if map.len() >= MAX_KNOWN_CHANNELS
-        && let Some(k) = map.keys().next().cloned()
-    {
-        map.remove(&k);
+impl Default for KnownChannels {
+    fn default() -> Self {
+        KnownChannels {
+            states: BoundedMap::new(MAX_KNOWN_CHANNELS),
+            direct: BoundedMap::new(MAX_KNOWN_CHANNELS),
+        }
     }
 }
 
@@ -756,10 +745,10 @@ impl<'a> Batch<'a> {
         let on_applied = move || {
             let mut known = known.lock().unwrap_or_else(|e| e.into_inner());
             for (id, state) in settled {
-                known.put_state(id, state);
+                known.states.insert(id, state);
             }
             for (a, b, channel) in pairs {
-                known.put_pair(&a, &b, channel);
+                known.direct.insert(pair_of(&a, &b), channel);
             }
         };
         Ok((
@@ -862,7 +851,7 @@ impl Channels {
         }
         let stored = self.store.direct_channel(a, b)?;
         if let Some(id) = &stored {
-            self.known().put_pair(a, b, id.clone());
+            self.known().direct.insert(pair_of(a, b), id.clone());
         }
         Ok(stored)
     }

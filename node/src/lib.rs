@@ -14,12 +14,14 @@
 //! - [`federation`]: the glue to other servers: directory and pinned keys, outboxes,
 //!   verification of what comes in, catch-up, presence across servers.
 //! - [`metrics`]: the node's Prometheus registry.
+//! - `bounded`: size-capped maps for what writes remember between rounds.
 //! - [`cli`]: the `hearth` command line (serve, user admin, chat).
 //!
 //! [`Node::open`] builds every service once over one store; [`Node::serve`] runs
 //! the client API on a listener until a shutdown future completes.
 
 pub mod accounts;
+mod bounded;
 pub mod channels;
 pub mod cli;
 pub mod config;

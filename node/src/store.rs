@@ -6,7 +6,7 @@
 //! contains, so a prefix scan over `a\0` finds exactly the entries of `a`. Numbers
 //! in keys are big-endian so byte order is numeric order.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +15,7 @@ use hearth_federation::SignedEvent;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::BoundedMap;
 use engine::{Engine, Tree};
 
 mod engine;
@@ -241,7 +242,7 @@ pub struct Store {
     /// so the next one need not read that back. [`Store::apply`] alone writes the
     /// sequence index and the heads, one write set at a time, and updates this
     /// only once its write set has landed.
-    origin_heads: Arc<Mutex<HashMap<Vec<u8>, OriginHead>>>,
+    origin_heads: Arc<Mutex<BoundedMap<Vec<u8>, OriginHead>>>,
     userid_account: Tree,
     tokenhash_device: Tree,
     userdevice_record: Tree,
@@ -346,7 +347,7 @@ impl Store {
             meta: t("meta")?,
             push: push::PushTrees::open(&engine)?,
             records: Arc::default(),
-            origin_heads: Arc::default(),
+            origin_heads: Arc::new(Mutex::new(BoundedMap::new(MAX_ORIGIN_HEADS))),
             engine,
         };
         match store.meta.get(META_SCHEMA)? {
@@ -976,18 +977,12 @@ impl Store {
         w.commit()?;
         let mut known = self.origin_heads();
         for (co, head) in heads {
-            if known.len() >= MAX_ORIGIN_HEADS
-                && !known.contains_key(&co)
-                && let Some(k) = known.keys().next().cloned()
-            {
-                known.remove(&k);
-            }
             known.insert(co, head);
         }
         Ok(())
     }
 
-    fn origin_heads(&self) -> std::sync::MutexGuard<'_, HashMap<Vec<u8>, OriginHead>> {
+    fn origin_heads(&self) -> std::sync::MutexGuard<'_, BoundedMap<Vec<u8>, OriginHead>> {
         self.origin_heads.lock().unwrap_or_else(|e| e.into_inner())
     }
 
