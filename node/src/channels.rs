@@ -596,7 +596,10 @@ impl<'a> Batch<'a> {
                 false
             }
         };
-        if let (EventContent::Message { .. }, false) = (&e.content, ours) {
+        // A message from elsewhere is for the members at its membership version: one
+        // that arrives late (catch-up, a relay) must not reach members added since,
+        // just as a local message never reaches members added after it was sent.
+        let members_then = if let (EventContent::Message { .. }, false) = (&e.content, ours) {
             let members_then = self
                 .members_at(&e.channel, e.mver)
                 .map_err(|err| Refusal::NotYet(err.message))?;
@@ -606,18 +609,27 @@ impl<'a> Batch<'a> {
                     e.sender, e.channel, e.mver
                 )));
             }
-        }
+            Some(members_then)
+        } else {
+            None
+        };
         let state = self
             .state(&e.channel)
             .map_err(|err| Refusal::NotYet(err.message))?;
-        let after: BTreeSet<String> = state.members.keys().cloned().collect();
         if let Some(rec) = state.rec.as_mut()
             && e.origin == server
         {
             rec.next_seq = rec.next_seq.max(e.seq + 1);
         }
-        // Who hears of it: members after the event, and whoever it removed.
-        let audience: BTreeSet<String> = after.union(&before).cloned().collect();
+        // Who hears of it: for a membership change, the members after it and whoever
+        // it removed.
+        let audience: BTreeSet<String> = match members_then {
+            Some(members) => members,
+            None => {
+                let after: BTreeSet<String> = state.members.keys().cloned().collect();
+                after.union(&before).cloned().collect()
+            }
+        };
         if !hidden {
             let event = Arc::new(client_event(stored, None));
             for user in audience

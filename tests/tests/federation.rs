@@ -661,3 +661,75 @@ async fn strict_mode_trusts_only_configured_keys() {
     al.send_to("bob@b.test", "pinned and trusted").await;
     assert_eq!(bo.message().await.1, "pinned and trusted");
 }
+
+#[tokio::test]
+async fn messages_a_server_missed_reach_only_those_who_were_members_when_they_were_sent() {
+    let a = TestNode::server("a.test", &[]).await;
+    let a_addr = a.federation_addrs().await;
+    let b = TestNode::server("b.test", &a_addr).await;
+    let b_addr = b.federation_addrs().await;
+    let mut c_boot = a_addr.clone();
+    c_boot.extend(b_addr);
+    let mut c = TestNode::server("c.test", &c_boot).await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let carol = c.user("carol").await;
+    let dan = c.user("dan").await;
+    let group = alice
+        .api
+        .create_group("late", &["bob@b.test".into(), "carol@c.test".into()])
+        .await
+        .expect("group");
+    eventually("carol's server knows the group", || {
+        let api = carol.api.clone();
+        let channel = group.id.clone();
+        async move { api.channel(&channel).await.is_ok() }
+    })
+    .await;
+
+    // While c is down, bob writes, and only then is dan (also on c) added.
+    c.stop().await;
+    let mut bo = bob.connect().await;
+    bo.send_in(&group.id, "while c was away").await;
+    alice
+        .api
+        .add_member(&group.id, "dan@c.test")
+        .await
+        .expect("add dan");
+    c.restart_with_bootstrap(&c_boot).await;
+    let carol = carol.on(&c);
+    let dan = dan.on(&c);
+    eventually("c has caught up with bob's message and dan's add", || {
+        let api = carol.api.clone();
+        let channel = group.id.clone();
+        async move {
+            let page = api.history(&channel, None, Some(100)).await;
+            page.map(|p| bodies(&p.events).contains(&"while c was away".to_string()))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    eventually("dan is a member on c", || {
+        let api = dan.api.clone();
+        let channel = group.id.clone();
+        async move { api.channel(&channel).await.is_ok() }
+    })
+    .await;
+
+    // Carol was a member when bob wrote; dan was not: his inbox holds only his add,
+    // and the next message is the first he hears.
+    let ca = carol.connect().await;
+    assert_eq!(bodies(&ca.backlog), vec!["while c was away".to_string()]);
+    let mut da = dan.connect().await;
+    assert!(
+        bodies(&da.backlog).is_empty(),
+        "a message sent before dan joined is not delivered to him: {:?}",
+        bodies(&da.backlog)
+    );
+    let mut al = alice.connect().await;
+    al.send_in(&group.id, "welcome dan").await;
+    assert_eq!(
+        da.message().await,
+        ("alice@a.test".into(), "welcome dan".into())
+    );
+}

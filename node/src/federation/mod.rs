@@ -48,7 +48,6 @@ const MISBEHAVIOUR_LIMIT: u32 = 50;
 const MISBEHAVIOUR_WINDOW: Duration = Duration::from_secs(60);
 /// How long a misbehaving peer stays cut off.
 const BAN_TIME: Duration = Duration::from_secs(600);
-/// Outbox retry delays.
 /// What an outbox worker does next.
 enum NextPush {
     /// Push these events; `keys` are their outbox entries, `upto` the newest.
@@ -84,6 +83,7 @@ const PUSHES_IN_FLIGHT: usize = 4;
 /// rates most pushes carry one or two events, and handing each to another thread
 /// and back cost more than the work (docs/benchmarks.md).
 const INLINE_PUSH_EVENTS: usize = 4;
+/// Outbox retry delays.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Descriptors are valid this long.
