@@ -12,6 +12,8 @@
 //!   announcements.
 //! - [`network`]: the libp2p swarm behind a cloneable [`Network`] handle and an
 //!   [`EventLoop`] task.
+//! - [`push_link`]: pushes over one long-lived stream per peer, beside the swarm's
+//!   request-response (which carries everything else).
 pub mod canonical;
 pub mod clock;
 pub mod error;
@@ -19,6 +21,7 @@ pub mod event;
 pub mod identity;
 pub mod network;
 pub mod protocol;
+pub mod push_link;
 pub mod signing;
 
 pub use event::SignedEvent;

@@ -5,6 +5,7 @@
 //! handle is dropped or [`Network::shutdown`] is called.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -22,6 +23,7 @@ use crate::protocol::{
     FEDERATION_PROTOCOL, FedRequest, FedResponse, KAD_PROTOCOL, MAX_REQUEST_BYTES,
     MAX_RESPONSE_BYTES, PRESENCE_TOPIC,
 };
+use crate::push_link::{PUSH_PROTOCOL, PushLinks};
 
 /// Why a network operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,6 +165,37 @@ enum Command {
 pub struct Network {
     tx: mpsc::Sender<Command>,
     local: PeerId,
+    links: Arc<PushLinks>,
+    control: libp2p_stream::Control,
+    banned: Banned,
+}
+
+/// Peers refused until unbanned; shared by the handles, the loop and incoming links.
+type Banned = Arc<Mutex<HashSet<PeerId>>>;
+
+fn is_banned(banned: &Banned, peer: &PeerId) -> bool {
+    banned
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(peer)
+}
+
+/// Push links other servers open to this one; see [`Network::incoming_links`].
+pub struct IncomingLinks {
+    streams: libp2p_stream::IncomingStreams,
+    banned: Banned,
+}
+
+impl IncomingLinks {
+    /// The next link, from a peer that is not banned; `None` once the network stopped.
+    pub async fn next(&mut self) -> Option<(PeerId, libp2p::Stream)> {
+        loop {
+            let (peer, stream) = self.streams.next().await?;
+            if !is_banned(&self.banned, &peer) {
+                return Some((peer, stream));
+            }
+        }
+    }
 }
 
 #[derive(NetworkBehaviour)]
@@ -173,6 +206,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    links: libp2p_stream::Behaviour,
 }
 
 /// Owns the swarm; run it with [`EventLoop::run`].
@@ -183,7 +217,7 @@ pub struct EventLoop {
     pending_requests:
         HashMap<OutboundRequestId, oneshot::Sender<Result<FedResponse, NetworkError>>>,
     pending_records: HashMap<kad::QueryId, oneshot::Sender<Result<Vec<u8>, NetworkError>>>,
-    banned: HashSet<PeerId>,
+    banned: Banned,
     topic: IdentTopic,
 }
 
@@ -255,6 +289,7 @@ pub fn new(
                 identify,
                 ping: ping::Behaviour::new(ping::Config::new()),
                 mdns: Toggle::from(mdns),
+                links: libp2p_stream::Behaviour::new(),
             })
         })
         .map_err(|e| setup(&e))?
@@ -291,8 +326,16 @@ pub fn new(
     }
     let (tx, commands) = mpsc::channel(1024);
     let (events_tx, events) = mpsc::channel(4096);
+    let control = swarm.behaviour().links.new_control();
+    let banned = Banned::default();
     Ok((
-        Network { tx, local: peer_id },
+        Network {
+            tx,
+            local: peer_id,
+            links: PushLinks::new(control.clone(), request_timeout),
+            control,
+            banned: banned.clone(),
+        },
         events,
         EventLoop {
             swarm,
@@ -300,7 +343,7 @@ pub fn new(
             events: events_tx,
             pending_requests: HashMap::new(),
             pending_records: HashMap::new(),
-            banned: HashSet::new(),
+            banned,
             topic,
         },
     ))
@@ -330,6 +373,43 @@ impl Network {
         })
         .await?;
         rx.await.map_err(|_| NetworkError::Stopped)?
+    }
+
+    /// Sends a request on the push link to `peer` (opened on first use) and waits
+    /// for the answer. Cheaper than [`Network::request`] for a steady flow: see
+    /// [`crate::push_link`].
+    pub async fn push(
+        &self,
+        peer: PeerId,
+        request: FedRequest,
+    ) -> Result<FedResponse, NetworkError> {
+        if is_banned(&self.banned, &peer) {
+            return Err(NetworkError::Request {
+                peer,
+                reason: "peer is banned".into(),
+            });
+        }
+        self.links.request(peer, request).await
+    }
+
+    /// The push links other servers open to this one; answer each with
+    /// [`crate::push_link::serve_link`]. Taken once: a second call is an error.
+    pub fn incoming_links(&self) -> Result<IncomingLinks, NetworkError> {
+        let streams = self
+            .control
+            .clone()
+            .accept(StreamProtocol::new(PUSH_PROTOCOL))
+            .map_err(|_| NetworkError::Setup("incoming push links are taken already".into()))?;
+        Ok(IncomingLinks {
+            streams,
+            banned: self.banned.clone(),
+        })
+    }
+
+    /// A handle for opening raw streams, so tests can send what a broken peer would.
+    #[cfg(test)]
+    pub(crate) fn control_for_tests(&self) -> libp2p_stream::Control {
+        self.control.clone()
     }
 
     /// Answers a request.
@@ -431,7 +511,7 @@ impl EventLoop {
                 request,
                 reply,
             } => {
-                if self.banned.contains(&peer) {
+                if is_banned(&self.banned, &peer) {
                     let _ = reply.send(Err(NetworkError::Request {
                         peer,
                         reason: "peer is banned".into(),
@@ -491,11 +571,17 @@ impl EventLoop {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
             Command::Ban { peer } => {
-                self.banned.insert(peer);
+                self.banned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(peer);
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
             Command::Unban { peer } => {
-                self.banned.remove(&peer);
+                self.banned
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&peer);
             }
             Command::Shutdown => {}
         }
@@ -520,7 +606,7 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
-                if self.banned.contains(&peer_id) {
+                if is_banned(&self.banned, &peer_id) {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
@@ -601,7 +687,7 @@ impl EventLoop {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    if self.banned.contains(&peer) {
+                    if is_banned(&self.banned, &peer) {
                         return;
                     }
                     self.emit(NetworkEvent::Request {

@@ -24,10 +24,11 @@ use futures_util::stream::FuturesOrdered;
 use hearth_client_api::ErrorCode;
 use hearth_federation::clock::wall_ms;
 use hearth_federation::event::{MembershipAction, home_server, user_server};
-use hearth_federation::network::{self, Network, NetworkConfig, NetworkEvent};
+use hearth_federation::network::{self, IncomingLinks, Network, NetworkConfig, NetworkEvent};
 use hearth_federation::protocol::{
     FedRequest, FedResponse, MAX_EVENTS_PER_MESSAGE, PresenceAnnouncement, ServerDescriptor,
 };
+use hearth_federation::push_link;
 use hearth_federation::{NodeIdentity, SignedEvent};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
@@ -174,6 +175,9 @@ impl Federation {
             },
         )
         .map_err(|e| NodeError::Config(e.to_string()))?;
+        let links = network
+            .incoming_links()
+            .map_err(|e| NodeError::Config(e.to_string()))?;
         let directory = Directory::new(
             store.clone(),
             config.policy(),
@@ -210,6 +214,7 @@ impl Federation {
         presence.set_relay(announce_tx);
         fed.spawn(event_loop.run());
         fed.spawn(fed.clone().dispatch(events));
+        fed.spawn(fed.clone().serve_links(links));
         fed.spawn(fed.clone().announce_presence(announce_rx));
         fed.spawn(fed.clone().periodic());
         match fed.shared.store.outbox_destinations() {
@@ -305,6 +310,26 @@ impl Federation {
     }
 
     // ---- events from the network ----
+
+    /// Answers the push links other servers open, each from a task of its own.
+    async fn serve_links(self, mut incoming: IncomingLinks) {
+        let mut stop = self.shared.stop.clone();
+        loop {
+            let (peer, stream) = tokio::select! {
+                next = incoming.next() => match next {
+                    Some(link) => link,
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            };
+            debug!(%peer, "push link from peer");
+            let me = self.clone();
+            self.spawn(push_link::serve_link(peer, stream, move |request| {
+                let me = me.clone();
+                Box::pin(async move { me.answer(peer, request).await })
+            }));
+        }
+    }
 
     async fn dispatch(self, mut events: mpsc::Receiver<NetworkEvent>) {
         let mut stop = self.shared.stop.clone();
@@ -1106,12 +1131,14 @@ impl Federation {
     async fn push(&self, dest: &str, events: Vec<String>) -> Result<FedResponse, ApiError> {
         let request = FedRequest::Push { events };
         if let Some(entry) = self.locate(dest).await {
-            match self
-                .shared
-                .network
-                .request(entry.peer, request.clone())
-                .await
-            {
+            let network = &self.shared.network;
+            match network.push(entry.peer, request.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(e) => debug!(server = %dest, error = %e, "push link failed; trying a request"),
+            }
+            // A link can fail where a request does not (a peer that does not speak
+            // the push link yet); a request costs more but still gets through.
+            match network.request(entry.peer, request.clone()).await {
                 Ok(r) => return Ok(r),
                 Err(e) => debug!(server = %dest, error = %e, "direct push failed; trying a relay"),
             }
