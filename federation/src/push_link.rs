@@ -236,6 +236,33 @@ async fn run_link(stream: Stream, mut queue: mpsc::Receiver<(FedRequest, Reply)>
     // Whoever still waits hears that the link is gone (by the dropped sender).
 }
 
+/// One request being answered in a task of its own, so that the answers to one link
+/// use every core (verifying a push's signatures is most of its cost). Dropping it
+/// (the link ended, the node stops) stops the answer.
+struct Answering(tokio::task::JoinHandle<FedResponse>);
+
+impl Future for Answering {
+    type Output = FedResponse;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<FedResponse> {
+        Pin::new(&mut self.0).poll(cx).map(|done| {
+            done.unwrap_or_else(|e| FedResponse::Refused {
+                code: "internal".into(),
+                message: format!("the request was not answered: {e}"),
+            })
+        })
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Answers the requests arriving on one incoming link with `answer`, several at once,
 /// writing the answers back in the order they were asked. Ends when the peer closes
 /// the link or breaks the framing.
@@ -244,13 +271,14 @@ where
     F: Fn(FedRequest) -> Answer,
 {
     let (mut reader, mut writer) = stream.split();
-    let (asked, mut to_answer) = mpsc::channel::<Answer>(LINK_IN_FLIGHT);
+    let (asked, mut to_answer) = mpsc::channel::<Answering>(LINK_IN_FLIGHT);
     let read = async move {
         let mut buf = Vec::new();
         loop {
             match read_frame::<_, FedRequest>(&mut reader, MAX_REQUEST_BYTES, &mut buf).await {
                 Ok(Some(request)) => {
-                    if asked.send(answer(request)).await.is_err() {
+                    let answering = Answering(tokio::spawn(answer(request)));
+                    if asked.send(answering).await.is_err() {
                         return;
                     }
                 }
@@ -263,7 +291,7 @@ where
         }
     };
     let write = async move {
-        let mut in_flight: FuturesOrdered<Answer> = FuturesOrdered::new();
+        let mut in_flight: FuturesOrdered<Answering> = FuturesOrdered::new();
         let mut buf = Vec::new();
         let mut reading = true;
         loop {

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub federation_in: Counter,
     /// Events delivered to other servers.
     pub federation_out: Counter,
+    /// Pushes other servers answered; events out per push tells how well the
+    /// outboxes batch under load.
+    pub federation_pushes: Counter,
     /// Events, descriptors and announcements from other servers that were refused.
     pub federation_refused: Counter,
     /// Servers connected now.
@@ -70,6 +73,7 @@ impl Metrics {
         let write_seconds = Histogram::new(exponential_buckets(0.00005, 2.0, 16));
         let federation_in = Counter::default();
         let federation_out = Counter::default();
+        let federation_pushes = Counter::default();
         let federation_refused = Counter::default();
         let federation_peers = Gauge::default();
         let push_sent = Counter::default();
@@ -105,6 +109,11 @@ impl Metrics {
             "federation_events_out",
             "Events delivered to other servers",
             federation_out.clone(),
+        );
+        registry.register(
+            "federation_pushes",
+            "Pushes other servers answered",
+            federation_pushes.clone(),
         );
         registry.register(
             "federation_refused",
@@ -163,6 +172,7 @@ impl Metrics {
             write_seconds,
             federation_in,
             federation_out,
+            federation_pushes,
             federation_refused,
             federation_peers,
             push_sent,

@@ -1077,6 +1077,7 @@ impl Federation {
         let PushOutcome { keys, response } = outcome;
         match response {
             Ok(FedResponse::Pushed { accepted, refused }) => {
+                self.shared.metrics.federation_pushes.inc();
                 let retry: BTreeSet<u32> = refused
                     .iter()
                     .filter(|(_, r)| r.starts_with("retry:"))
