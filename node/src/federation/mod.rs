@@ -2,8 +2,10 @@
 //!
 //! - [`directory`]: names, peer ids and pinned keys of other servers.
 //! - Outbox workers: one per destination server, reading the persistent outbox
-//!   and pushing events until the destination has them (backoff with jitter,
-//!   through a third server when the destination cannot be reached directly).
+//!   and pushing events over the destination's push link until it has them
+//!   (backoff with jitter; an ordinary request when the link fails, and through a
+//!   third server when the destination cannot be reached directly).
+//! - Push links from other servers, each answered by a task of its own.
 //! - Inbound requests: `Hello` (descriptors), `Push` (events, verified before
 //!   anything else), `Heads`/`MembershipLog`/`SharedChannels` (catch-up, answered
 //!   from what this server holds, whoever made it), `ChangeMembership` (this server
