@@ -180,20 +180,46 @@ fn is_banned(banned: &Banned, peer: &PeerId) -> bool {
         .contains(peer)
 }
 
+/// Push links one peer may have open to this server at once: a sender keeps one, and
+/// opens a new one while an old one may still be closing.
+pub const LINKS_PER_PEER: usize = 4;
+
 /// Push links other servers open to this one; see [`Network::incoming_links`].
 pub struct IncomingLinks {
     streams: libp2p_stream::IncomingStreams,
     banned: Banned,
+    /// One token per peer; each open link holds a clone, so the clones count its links.
+    open: HashMap<PeerId, Arc<()>>,
+}
+
+/// A push link from another server, to answer with [`crate::push_link::serve_link`].
+pub struct IncomingLink {
+    /// The server that opened it.
+    pub peer: PeerId,
+    pub(crate) stream: libp2p::Stream,
+    pub(crate) _open: Arc<()>,
 }
 
 impl IncomingLinks {
-    /// The next link, from a peer that is not banned; `None` once the network stopped.
-    pub async fn next(&mut self) -> Option<(PeerId, libp2p::Stream)> {
+    /// The next link, from a peer that is not banned and has fewer than
+    /// [`LINKS_PER_PEER`] open; `None` once the network stopped.
+    pub async fn next(&mut self) -> Option<IncomingLink> {
         loop {
             let (peer, stream) = self.streams.next().await?;
-            if !is_banned(&self.banned, &peer) {
-                return Some((peer, stream));
+            if is_banned(&self.banned, &peer) {
+                continue;
             }
+            self.open.retain(|_, token| Arc::strong_count(token) > 1);
+            let token = self.open.entry(peer).or_default().clone();
+            if Arc::strong_count(&token) > LINKS_PER_PEER + 1 {
+                warn!(%peer, "peer has {LINKS_PER_PEER} push links open already; another is refused");
+                continue;
+            }
+            return Some(IncomingLink {
+                peer,
+                stream,
+                _open: token,
+            });
         }
     }
 }
@@ -403,6 +429,7 @@ impl Network {
         Ok(IncomingLinks {
             streams,
             banned: self.banned.clone(),
+            open: HashMap::new(),
         })
     }
 

@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
-use crate::network::NetworkError;
+use crate::network::{IncomingLink, NetworkError};
 use crate::protocol::{FedRequest, FedResponse, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES};
 
 /// The push link's protocol name.
@@ -79,8 +79,13 @@ where
             format!("a frame of {len} bytes; at most {max} are taken"),
         ));
     }
-    buf.resize(len as usize, 0);
-    r.read_exact(buf).await?;
+    // Read as the bytes come rather than allocating what the header claims: a
+    // peer cannot make this server hold memory it has not sent.
+    buf.clear();
+    r.take(len).read_to_end(buf).await?;
+    if (buf.len() as u64) < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     cbor4ii::serde::from_slice(buf)
         .map(Some)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
@@ -266,10 +271,15 @@ impl Drop for Answering {
 /// Answers the requests arriving on one incoming link with `answer`, several at once,
 /// writing the answers back in the order they were asked. Ends when the peer closes
 /// the link or breaks the framing.
-pub async fn serve_link<F>(peer: PeerId, stream: Stream, answer: F)
+pub async fn serve_link<F>(link: IncomingLink, answer: F)
 where
     F: Fn(FedRequest) -> Answer,
 {
+    let IncomingLink {
+        peer,
+        stream,
+        _open,
+    } = link;
     let (mut reader, mut writer) = stream.split();
     let (asked, mut to_answer) = mpsc::channel::<Answering>(LINK_IN_FLIGHT);
     let read = async move {
@@ -374,10 +384,10 @@ mod tests {
     ) {
         let mut incoming = b.incoming_links().expect("incoming links");
         tokio::spawn(async move {
-            while let Some((peer, stream)) = incoming.next().await {
+            while let Some(link) = incoming.next().await {
                 links.fetch_add(1, Ordering::SeqCst);
                 let delay = delay.clone();
-                tokio::spawn(serve_link(peer, stream, move |request| {
+                tokio::spawn(serve_link(link, move |request| {
                     let delay = delay.clone();
                     Box::pin(async move {
                         let FedRequest::Push { events } = request else {
@@ -465,6 +475,63 @@ mod tests {
             }
         );
         assert_eq!(links.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_peer_gets_at_most_four_links_at_once_and_another_when_one_closes() {
+        let (a, b) = pair(Duration::from_secs(10)).await;
+        let links = Arc::new(AtomicUsize::new(0));
+        serve(&b, links.clone(), |_| Some(Duration::ZERO));
+        let peer = b.local_peer_id();
+        let open = || async {
+            a.control_for_tests()
+                .open_stream(peer, StreamProtocol::new(PUSH_PROTOCOL))
+                .await
+                .expect("raw link")
+        };
+        // A link is taken when b answers on it.
+        let answered = |mut link: Stream, tag: &'static str| async move {
+            let mut buf = Vec::new();
+            write_frame(&mut link, &push_of(tag), &mut buf).await.ok()?;
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                read_frame::<_, FedResponse>(&mut link, MAX_RESPONSE_BYTES, &mut buf),
+            )
+            .await;
+            match answer {
+                Ok(Ok(Some(answer))) => Some((link, answer)),
+                _ => None,
+            }
+        };
+        let mut kept = Vec::new();
+        for _ in 0..crate::network::LINKS_PER_PEER {
+            let (link, answer) = answered(open().await, "taken").await.expect("answered");
+            assert_eq!(
+                answer,
+                FedResponse::Events {
+                    events: vec!["taken".into()],
+                    more: false
+                }
+            );
+            kept.push(link);
+        }
+        assert!(
+            answered(open().await, "fifth").await.is_none(),
+            "a fifth link is refused"
+        );
+
+        let mut first = kept.remove(0);
+        first.close().await.expect("close");
+        drop(first);
+        // b notices the close when its task for that link ends.
+        for _ in 0..100 {
+            if answered(open().await, "again").await.is_some() {
+                assert_eq!(links.load(Ordering::SeqCst), 5);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no new link after one closed");
     }
 
     #[tokio::test]

@@ -317,16 +317,17 @@ impl Federation {
     async fn serve_links(self, mut incoming: IncomingLinks) {
         let mut stop = self.shared.stop.clone();
         loop {
-            let (peer, stream) = tokio::select! {
+            let link = tokio::select! {
                 next = incoming.next() => match next {
                     Some(link) => link,
                     None => return,
                 },
                 _ = stop.changed() => return,
             };
+            let peer = link.peer;
             debug!(%peer, "push link from peer");
             let me = self.clone();
-            self.spawn(push_link::serve_link(peer, stream, move |request| {
+            self.spawn(push_link::serve_link(link, move |request| {
                 let me = me.clone();
                 Box::pin(async move { me.answer(peer, request).await })
             }));
