@@ -70,6 +70,17 @@ async fn direct_chat_works_across_servers_both_ways() {
     };
     assert_eq!(ids(&on_a), ids(&on_b), "same history on both servers");
     assert_eq!(bodies(&on_a.events), vec!["hello from b", "hello from a"]);
+
+    // Each server counts the pushes the other answered (just after the answer, so
+    // perhaps after the message was shown) and the events in them.
+    for node in [&a, &b] {
+        eventually("the push is counted", || {
+            let pushes = node.metric("hearth_federation_pushes_total");
+            let events = node.metric("hearth_federation_events_out_total");
+            async move { pushes >= 1.0 && events >= 1.0 }
+        })
+        .await;
+    }
 }
 
 #[tokio::test]
