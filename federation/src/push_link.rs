@@ -407,6 +407,23 @@ mod tests {
         });
     }
 
+    /// The answer `serve` gives to a push tagged `tag`.
+    fn echo_of(tag: &str) -> FedResponse {
+        FedResponse::Events {
+            events: vec![tag.to_string()],
+            more: false,
+        }
+    }
+
+    async fn the_next_push_opens_a_second_link(a: &Network, peer: PeerId, links: &AtomicUsize) {
+        let answer = a
+            .push(peer, push_of("next"))
+            .await
+            .expect("push on a new link");
+        assert_eq!(answer, echo_of("next"));
+        assert_eq!(links.load(Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn answers_come_back_in_the_order_asked_on_one_link_even_when_later_ones_finish_first() {
         let (a, b) = pair(Duration::from_secs(10)).await;
@@ -419,24 +436,12 @@ mod tests {
         let peer = b.local_peer_id();
         // The first push opens the link; eight more go out together on it.
         let first = a.push(peer, push_of("7")).await.expect("first push");
-        assert_eq!(
-            first,
-            FedResponse::Events {
-                events: vec!["7".into()],
-                more: false
-            }
-        );
+        assert_eq!(first, echo_of("7"));
         let answers =
             futures_util::future::join_all((0..8).map(|n| a.push(peer, push_of(&n.to_string()))))
                 .await;
         for (n, answer) in answers.into_iter().enumerate() {
-            assert_eq!(
-                answer.expect("push answered"),
-                FedResponse::Events {
-                    events: vec![n.to_string()],
-                    more: false
-                }
-            );
+            assert_eq!(answer.expect("push answered"), echo_of(&n.to_string()));
         }
         assert_eq!(links.load(Ordering::SeqCst), 1, "every push rode one link");
     }
@@ -463,18 +468,7 @@ mod tests {
             "b closes the link without answering: {ended:?}"
         );
 
-        let answer = a
-            .push(peer, push_of("after"))
-            .await
-            .expect("push on a new link");
-        assert_eq!(
-            answer,
-            FedResponse::Events {
-                events: vec!["after".into()],
-                more: false
-            }
-        );
-        assert_eq!(links.load(Ordering::SeqCst), 2);
+        the_next_push_opens_a_second_link(&a, peer, &links).await;
     }
 
     #[tokio::test]
@@ -506,13 +500,7 @@ mod tests {
         let mut kept = Vec::new();
         for _ in 0..crate::network::LINKS_PER_PEER {
             let (link, answer) = answered(open().await, "taken").await.expect("answered");
-            assert_eq!(
-                answer,
-                FedResponse::Events {
-                    events: vec!["taken".into()],
-                    more: false
-                }
-            );
+            assert_eq!(answer, echo_of("taken"));
             kept.push(link);
         }
         assert!(
@@ -545,17 +533,6 @@ mod tests {
         let err = a.push(peer, push_of("stuck")).await.expect_err("no answer");
         assert!(err.to_string().contains("timed out"), "{err}");
 
-        let answer = a
-            .push(peer, push_of("next"))
-            .await
-            .expect("push on a new link");
-        assert_eq!(
-            answer,
-            FedResponse::Events {
-                events: vec!["next".into()],
-                more: false
-            }
-        );
-        assert_eq!(links.load(Ordering::SeqCst), 2);
+        the_next_push_opens_a_second_link(&a, peer, &links).await;
     }
 }
