@@ -596,9 +596,9 @@ impl<'a> Batch<'a> {
                 false
             }
         };
-        // A message from elsewhere is for the members at its membership version: one
-        // that arrives late (catch-up, a relay) must not reach members added since,
-        // just as a local message never reaches members added after it was sent.
+        // A message from elsewhere is for the members at its membership version who
+        // still are: one that arrives late (catch-up, a relay) reaches neither members
+        // added since nor those who left, as with a local message.
         let members_then = if let (EventContent::Message { .. }, false) = (&e.content, ours) {
             let members_then = self
                 .members_at(&e.channel, e.mver)
@@ -624,7 +624,10 @@ impl<'a> Batch<'a> {
         // Who hears of it: for a membership change, the members after it and whoever
         // it removed.
         let audience: BTreeSet<String> = match members_then {
-            Some(members) => members,
+            Some(then) => then
+                .into_iter()
+                .filter(|u| state.members.contains_key(u))
+                .collect(),
             None => {
                 let after: BTreeSet<String> = state.members.keys().cloned().collect();
                 after.union(&before).cloned().collect()

@@ -674,7 +674,7 @@ async fn strict_mode_trusts_only_configured_keys() {
 }
 
 #[tokio::test]
-async fn messages_a_server_missed_reach_only_those_who_were_members_when_they_were_sent() {
+async fn messages_a_server_missed_reach_only_those_who_were_members_when_sent_and_still_are() {
     let a = TestNode::server("a.test", &[]).await;
     let a_addr = a.federation_addrs().await;
     let b = TestNode::server("b.test", &a_addr).await;
@@ -686,9 +686,17 @@ async fn messages_a_server_missed_reach_only_those_who_were_members_when_they_we
     let bob = b.user("bob").await;
     let carol = c.user("carol").await;
     let dan = c.user("dan").await;
+    let erin = c.user("erin").await;
     let group = alice
         .api
-        .create_group("late", &["bob@b.test".into(), "carol@c.test".into()])
+        .create_group(
+            "late",
+            &[
+                "bob@b.test".into(),
+                "carol@c.test".into(),
+                "erin@c.test".into(),
+            ],
+        )
         .await
         .expect("group");
     eventually("carol's server knows the group", || {
@@ -698,7 +706,8 @@ async fn messages_a_server_missed_reach_only_those_who_were_members_when_they_we
     })
     .await;
 
-    // While c is down, bob writes, and only then is dan (also on c) added.
+    // While c is down, bob writes, and only then is dan (also on c) added and erin
+    // (on c too) removed.
     c.stop().await;
     let mut bo = bob.connect().await;
     bo.send_in(&group.id, "while c was away").await;
@@ -707,9 +716,15 @@ async fn messages_a_server_missed_reach_only_those_who_were_members_when_they_we
         .add_member(&group.id, "dan@c.test")
         .await
         .expect("add dan");
+    alice
+        .api
+        .remove_member(&group.id, "erin@c.test")
+        .await
+        .expect("remove erin");
     c.restart_with_bootstrap(&c_boot).await;
     let carol = carol.on(&c);
     let dan = dan.on(&c);
+    let erin = erin.on(&c);
     eventually("c has caught up with bob's message and dan's add", || {
         let api = carol.api.clone();
         let channel = group.id.clone();
@@ -727,10 +742,24 @@ async fn messages_a_server_missed_reach_only_those_who_were_members_when_they_we
     })
     .await;
 
-    // Carol was a member when bob wrote; dan was not: his inbox holds only his add,
-    // and the next message is the first he hears.
+    eventually("erin is no longer a member on c", || {
+        let api = erin.api.clone();
+        let channel = group.id.clone();
+        async move { api.channel(&channel).await.is_err() }
+    })
+    .await;
+
+    // Carol was a member when bob wrote and still is; erin was, but left before c
+    // heard of it; dan was not: his inbox holds only his add, and the next message is
+    // the first he hears.
     let ca = carol.connect().await;
     assert_eq!(bodies(&ca.backlog), vec!["while c was away".to_string()]);
+    let er = erin.connect().await;
+    assert!(
+        bodies(&er.backlog).is_empty(),
+        "a message that arrives after erin was removed is not delivered to her: {:?}",
+        bodies(&er.backlog)
+    );
     let mut da = dan.connect().await;
     assert!(
         bodies(&da.backlog).is_empty(),
