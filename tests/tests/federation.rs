@@ -677,7 +677,7 @@ async fn strict_mode_trusts_only_configured_keys() {
 async fn messages_a_server_missed_reach_only_those_who_were_members_when_sent_and_still_are() {
     let a = TestNode::server("a.test", &[]).await;
     let a_addr = a.federation_addrs().await;
-    let b = TestNode::server("b.test", &a_addr).await;
+    let mut b = TestNode::server("b.test", &a_addr).await;
     let b_addr = b.federation_addrs().await;
     let mut c_boot = a_addr.clone();
     c_boot.extend(b_addr);
@@ -707,10 +707,25 @@ async fn messages_a_server_missed_reach_only_those_who_were_members_when_sent_an
     .await;
 
     // While c is down, bob writes, and only then is dan (also on c) added and erin
-    // (on c too) removed.
+    // (on c too) removed. b goes down once a holds the message, so c can only get it
+    // by catching up from a, which hands over membership first: c judges the message
+    // knowing the changes made after it. (Had b pushed it before c heard of erin's
+    // removal, she would rightly have got it: she was still a member there then.)
     c.stop().await;
     let mut bo = bob.connect().await;
     bo.send_in(&group.id, "while c was away").await;
+    eventually("a holds bob's message", || {
+        let api = alice.api.clone();
+        let channel = group.id.clone();
+        async move {
+            let page = api.history(&channel, None, Some(100)).await;
+            page.map(|p| bodies(&p.events).contains(&"while c was away".to_string()))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    bo.close().await;
+    b.stop().await;
     alice
         .api
         .add_member(&group.id, "dan@c.test")
@@ -721,7 +736,7 @@ async fn messages_a_server_missed_reach_only_those_who_were_members_when_sent_an
         .remove_member(&group.id, "erin@c.test")
         .await
         .expect("remove erin");
-    c.restart_with_bootstrap(&c_boot).await;
+    c.restart_with_bootstrap(&a_addr).await;
     let carol = carol.on(&c);
     let dan = dan.on(&c);
     let erin = erin.on(&c);
