@@ -673,6 +673,21 @@ async fn strict_mode_trusts_only_configured_keys() {
     assert_eq!(bo.message().await.1, "pinned and trusted");
 }
 
+/// Waits until `user`'s server holds a message with `body` in `channel`'s history.
+async fn history_holds(what: &str, user: &hearth_tests::TestUser, channel: &str, body: &str) {
+    eventually(what, || {
+        let api = user.api.clone();
+        let channel = channel.to_string();
+        let body = body.to_string();
+        async move {
+            let page = api.history(&channel, None, Some(100)).await;
+            page.map(|p| bodies(&p.events).contains(&body))
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn messages_a_server_missed_reach_only_those_who_were_members_when_sent_and_still_are() {
     let a = TestNode::server("a.test", &[]).await;
@@ -714,15 +729,12 @@ async fn messages_a_server_missed_reach_only_those_who_were_members_when_sent_an
     c.stop().await;
     let mut bo = bob.connect().await;
     bo.send_in(&group.id, "while c was away").await;
-    eventually("a holds bob's message", || {
-        let api = alice.api.clone();
-        let channel = group.id.clone();
-        async move {
-            let page = api.history(&channel, None, Some(100)).await;
-            page.map(|p| bodies(&p.events).contains(&"while c was away".to_string()))
-                .unwrap_or(false)
-        }
-    })
+    history_holds(
+        "a holds bob's message",
+        &alice,
+        &group.id,
+        "while c was away",
+    )
     .await;
     bo.close().await;
     b.stop().await;
@@ -740,15 +752,12 @@ async fn messages_a_server_missed_reach_only_those_who_were_members_when_sent_an
     let carol = carol.on(&c);
     let dan = dan.on(&c);
     let erin = erin.on(&c);
-    eventually("c has caught up with bob's message and dan's add", || {
-        let api = carol.api.clone();
-        let channel = group.id.clone();
-        async move {
-            let page = api.history(&channel, None, Some(100)).await;
-            page.map(|p| bodies(&p.events).contains(&"while c was away".to_string()))
-                .unwrap_or(false)
-        }
-    })
+    history_holds(
+        "c caught up with bob's message",
+        &carol,
+        &group.id,
+        "while c was away",
+    )
     .await;
     eventually("dan is a member on c", || {
         let api = dan.api.clone();
