@@ -566,9 +566,11 @@ impl<'a> Batch<'a> {
         let state = self
             .state(&e.channel)
             .map_err(|err| Refusal::NotYet(err.message))?;
-        let before: BTreeSet<String> = state.members.keys().cloned().collect();
+        // Only a membership change moves the members; a message needs no copy of them.
+        let mut before: Option<BTreeSet<String>> = None;
         let hidden = match &e.content {
             EventContent::Membership { direct, .. } => {
+                before = Some(state.members.keys().cloned().collect());
                 state.apply_membership(&e.channel, e)?;
                 *direct || state.is_direct()
             }
@@ -623,15 +625,13 @@ impl<'a> Batch<'a> {
         }
         // Who hears of it: for a membership change, the members after it and whoever
         // it removed.
-        let audience: BTreeSet<String> = match members_then {
-            Some(then) => then
+        let audience: BTreeSet<String> = match (members_then, before) {
+            (Some(then), _) => then
                 .into_iter()
                 .filter(|u| state.members.contains_key(u))
                 .collect(),
-            None => {
-                let after: BTreeSet<String> = state.members.keys().cloned().collect();
-                after.union(&before).cloned().collect()
-            }
+            (None, Some(before)) => state.members.keys().cloned().chain(before).collect(),
+            (None, None) => state.members.keys().cloned().collect(),
         };
         if !hidden {
             let event = Arc::new(client_event(stored, None));
