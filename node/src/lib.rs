@@ -165,6 +165,9 @@ impl Node {
         } else {
             None
         };
+        if federation.is_some() {
+            presence.start_expiry(shutdown.clone());
+        }
         let svc = Arc::new(Services {
             config,
             store,

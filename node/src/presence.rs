@@ -8,12 +8,16 @@ use hearth_client_api::ServerFrame;
 use hearth_client_api::model::{ChannelKind, PresenceInfo, PresenceStatus};
 use hearth_federation::clock::wall_ms;
 use hearth_federation::event::user_server;
-use tokio::sync::mpsc;
-use tracing::warn;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
 
 use crate::error::ApiResult;
 use crate::hub::{Hub, Outbound};
 use crate::store::Store;
+
+/// How often per time-to-live remote presence is checked for expiry: an expired
+/// `online` is told as `offline` at most a quarter of the time-to-live late.
+const EXPIRY_CHECKS_PER_TTL: u32 = 4;
 
 /// A remote user's presence as their server last announced it.
 #[derive(Debug, Clone)]
@@ -157,6 +161,51 @@ impl Presence {
         for member in audience {
             self.hub.send_to_user(&member, &item);
         }
+    }
+
+    /// Tells the audience of every remote user whose `online` has gone unrefreshed
+    /// for the time-to-live that they are offline now: their server may be gone, and
+    /// without this their chat partners would show them online until they looked.
+    /// Returns the users it marked offline.
+    pub fn expire_remote(&self) -> Vec<String> {
+        let expired: Vec<String> = {
+            let mut remote = self.remote.write().unwrap_or_else(|e| e.into_inner());
+            remote
+                .iter_mut()
+                .filter(|(_, r)| r.online && r.seen.elapsed() >= self.remote_ttl)
+                .map(|(user, r)| {
+                    // As if the server had said so; a later "online" is a change again.
+                    r.online = false;
+                    user.clone()
+                })
+                .collect()
+        };
+        for user in &expired {
+            self.tell_audience(user);
+        }
+        expired
+    }
+
+    /// Marks remote users offline whose server stopped refreshing them (see
+    /// [`Presence::expire_remote`]), checking a few times per time-to-live, until
+    /// `shutdown` turns true.
+    pub fn start_expiry(&self, mut shutdown: watch::Receiver<bool>) {
+        let presence = self.clone();
+        let every = (self.remote_ttl / EXPIRY_CHECKS_PER_TTL).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        for user in presence.expire_remote() {
+                            debug!(%user, "remote presence expired; told as offline");
+                        }
+                    }
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
     }
 
     /// Takes in a remote user's presence, as their server announced it (already

@@ -451,6 +451,67 @@ async fn presence_crosses_servers_and_times_out_there_too() {
 }
 
 #[tokio::test]
+async fn a_remote_user_whose_server_falls_silent_is_pushed_as_offline_and_online_again_when_it_speaks()
+ {
+    // a forgets an "online" after 3 of its refresh periods (3 s); b announces changes
+    // but would refresh only hourly, so to a it looks like a server that went quiet.
+    let a = TestNode::start_with(|c| {
+        hearth_tests::federated(c, "a.test", Vec::new());
+        c.presence_refresh_secs = 1;
+    })
+    .await;
+    let b = TestNode::start_with({
+        let addr = a.federation_addrs().await;
+        move |c| {
+            hearth_tests::federated(c, "b.test", addr);
+            c.presence_refresh_secs = 3600;
+        }
+    })
+    .await;
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let mut al = alice.connect().await;
+    al.send_to("bob@b.test", "are you there?").await;
+    {
+        let api = bob.api.clone();
+        eventually("the direct chat reached b", || {
+            let api = api.clone();
+            async move {
+                api.channels()
+                    .await
+                    .map(|c| !c.channels.is_empty())
+                    .unwrap_or(false)
+            }
+        })
+        .await;
+    }
+    let bob_is = |status: PresenceStatus| {
+        move |f: &ServerFrame| match f {
+            ServerFrame::Presence(p) if p.user == "bob@b.test" && p.status == status => Some(()),
+            _ => None,
+        }
+    };
+    let bo = bob.connect().await;
+    al.wait_for(bob_is(PresenceStatus::Online)).await;
+    let online_at = std::time::Instant::now();
+
+    // Bob stays connected, but nothing more comes from b.
+    al.wait_for(bob_is(PresenceStatus::Offline)).await;
+    assert!(
+        online_at.elapsed() >= std::time::Duration::from_secs(2),
+        "bob was told offline after {:?}, before his online had expired",
+        online_at.elapsed()
+    );
+    let looked_up = alice.api.presence(["bob@b.test"]).await.expect("presence");
+    assert_eq!(looked_up.presence[0].status, PresenceStatus::Offline);
+
+    // b speaks again: bob's next change is pushed as a change.
+    bo.close().await;
+    let _again = bob.connect().await;
+    al.wait_for(bob_is(PresenceStatus::Online)).await;
+}
+
+#[tokio::test]
 async fn a_peer_that_floods_oversized_or_invalid_data_is_refused_then_cut_off_and_the_node_stays_up()
  {
     let a = TestNode::server("a.test", &[]).await;
