@@ -106,6 +106,7 @@ Settings (TOML file key / environment variable, default):
   rate_limit_burst            HEARTH_RATE_LIMIT_BURST            200
   session_queue               HEARTH_SESSION_QUEUE               1024
   sync_batch                  HEARTH_SYNC_BATCH                  500
+  idempotency_retention_secs  HEARTH_IDEMPOTENCY_RETENTION_SECS  86400 (a day)
   log_format                  HEARTH_LOG_FORMAT                  text (or json)
   log                         HEARTH_LOG                         info
   federation_listen           HEARTH_FEDERATION_LISTEN           [] (federation off)

@@ -25,6 +25,7 @@ pub const SETTINGS: &[&str] = &[
     "rate_limit_burst",
     "session_queue",
     "sync_batch",
+    "idempotency_retention_secs",
     "log_format",
     "log",
     "federation_listen",
@@ -131,6 +132,9 @@ pub struct Config {
     pub deny_servers: Vec<String>,
     /// Discover servers on the local network with mDNS.
     pub mdns: bool,
+    /// Seconds a send's idempotency key is remembered: a resend with the key within
+    /// this gets the original ack, a later one is a new message.
+    pub idempotency_retention_secs: u64,
     /// Seconds between catch-up rounds with connected servers.
     pub catchup_interval_secs: u64,
     /// Seconds between re-announcements of who is online here.
@@ -165,6 +169,7 @@ impl Default for Config {
             rate_limit_burst: 200,
             session_queue: 1024,
             sync_batch: 500,
+            idempotency_retention_secs: 86_400,
             log_format: LogFormat::Text,
             log: "info".into(),
             federation_listen: Vec::new(),
@@ -230,6 +235,9 @@ impl Config {
         }
         if self.session_queue == 0 || self.sync_batch == 0 {
             return bad("session_queue and sync_batch must be positive");
+        }
+        if self.idempotency_retention_secs == 0 {
+            return bad("idempotency_retention_secs must be positive");
         }
         if self.catchup_interval_secs == 0 || self.presence_refresh_secs == 0 {
             return bad("catchup_interval_secs and presence_refresh_secs must be positive");

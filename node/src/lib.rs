@@ -7,6 +7,7 @@
 //! - [`channels`]: direct chats and groups, membership events, sending, history.
 //! - [`sync`]: stream positions, group-committed writes, backlog for reconnecting devices.
 //! - [`hub`]: which devices are connected, and their bounded outbound queues.
+//! - [`idempotency`]: how long send keys are remembered; the sweep that forgets them.
 //! - [`presence`]: online/offline, last activity, and who hears about changes.
 //! - [`push`]: push notifications (Web Push, webhooks) for users with no device online.
 //! - [`session`]: one device's WebSocket session, generic over its transport.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod federation;
 mod http;
 pub mod hub;
+pub mod idempotency;
 pub mod metrics;
 pub mod presence;
 pub mod push;
@@ -168,6 +170,11 @@ impl Node {
         if federation.is_some() {
             presence.start_expiry(shutdown.clone());
         }
+        idempotency::start_expiry(
+            store.clone(),
+            Duration::from_secs(config.idempotency_retention_secs),
+            shutdown.clone(),
+        );
         let svc = Arc::new(Services {
             config,
             store,

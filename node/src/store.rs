@@ -126,6 +126,17 @@ pub struct AckRecord {
     pub ts: u64,
 }
 
+/// What one step of [`Store::expire_acks`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AckSweep {
+    /// Records looked at.
+    pub scanned: usize,
+    /// Records removed.
+    pub removed: usize,
+    /// Where the next step starts (after this key); `None` once the end was reached.
+    pub resume: Option<Vec<u8>>,
+}
+
 /// An event's place in its channel's order: `(ts, origin, seq)`, the same on every server.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChannelPos {
@@ -682,6 +693,49 @@ impl Store {
             .transpose()
     }
 
+    /// Removes the idempotency records of sends stored before `before_ms`
+    /// (milliseconds since the epoch), looking at up to `limit` records in key order
+    /// after `after`. Records are only ever written for a key that has none, so
+    /// removing one needs no lock against the writer: a send that found it was
+    /// answered with it, a later one stores a new message.
+    pub fn expire_acks(
+        &self,
+        before_ms: u64,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> StoreResult<AckSweep> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(key) => Bound::Excluded(key.to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut sweep = AckSweep::default();
+        let mut w = self.engine.atomic();
+        for entry in self
+            .userkey_ack
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take(limit)
+        {
+            let (key, value) = entry?;
+            sweep.scanned += 1;
+            // A record that does not decode stays: it is evidence, not garbage.
+            if let Ok(ack) = decode::<AckRecord>("userkey_ack", &value)
+                && ack.ts < before_ms
+            {
+                w.remove(&self.userkey_ack, &key);
+                sweep.removed += 1;
+            }
+            sweep.resume = Some(key.to_vec());
+        }
+        if sweep.scanned < limit {
+            sweep.resume = None;
+        }
+        if sweep.removed > 0 {
+            w.commit()?;
+        }
+        Ok(sweep)
+    }
+
     /// An event by id.
     pub fn event(&self, id: &str) -> StoreResult<Option<StoredEvent>> {
         let Some(location) = self.eventid_location.get(id)? else {
@@ -1153,6 +1207,81 @@ mod reopen_tests {
         assert_eq!(
             std::fs::read(old.join("db")).expect("still there"),
             b"old sled bytes"
+        );
+    }
+}
+
+#[cfg(test)]
+mod ack_expiry_tests {
+    use super::*;
+
+    fn keyed_sends(store: &Store, sends: &[(&str, &str, u64)]) {
+        let w = WriteSet {
+            acks: sends
+                .iter()
+                .map(|(user, key, ts)| {
+                    let ack = AckRecord {
+                        event_id: format!("${user}-{key}"),
+                        channel: "c@a.example".into(),
+                        ts: *ts,
+                    };
+                    (user.to_string(), key.to_string(), ack)
+                })
+                .collect(),
+            ..WriteSet::default()
+        };
+        store.apply(&w).expect("apply");
+    }
+
+    #[test]
+    fn old_idempotency_records_are_forgotten_in_steps_and_younger_ones_kept() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = Store::open(dir.path()).expect("open");
+        keyed_sends(
+            &store,
+            &[
+                ("alice", "k1", 100),
+                ("alice", "k2", 300),
+                ("bob", "k1", 150),
+                ("bob", "k2", 199),
+                ("carol", "k1", 200),
+            ],
+        );
+        // A record written by something else does not decode and is left alone.
+        store
+            .userkey_ack
+            .insert(key2("dave", b"k1"), b"not json")
+            .expect("insert");
+
+        let mut after = None;
+        let mut steps = Vec::new();
+        loop {
+            let sweep = store.expire_acks(200, after.as_deref(), 2).expect("sweep");
+            steps.push((sweep.scanned, sweep.removed));
+            match sweep.resume {
+                Some(key) => after = Some(key),
+                None => break,
+            }
+        }
+        assert_eq!(steps, vec![(2, 1), (2, 2), (2, 0), (0, 0)]);
+        for (user, key, kept) in [
+            ("alice", "k1", false),
+            ("alice", "k2", true),
+            ("bob", "k1", false),
+            ("bob", "k2", false),
+            ("carol", "k1", true),
+        ] {
+            assert_eq!(
+                store.ack(user, key).expect("read").is_some(),
+                kept,
+                "{user} {key}"
+            );
+        }
+        assert!(
+            store
+                .userkey_ack
+                .contains_key(key2("dave", b"k1"))
+                .expect("read")
         );
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use hearth_client_api::model::{EventContent, MembershipAction};
 use hearth_client_api::{ClientError, ErrorCode, Target};
-use hearth_tests::{PASSWORD, TestNode};
+use hearth_tests::{PASSWORD, TestNode, eventually};
 
 fn server_code(e: ClientError) -> ErrorCode {
     e.code()
@@ -347,6 +347,48 @@ async fn a_resend_with_the_same_key_is_acknowledged_but_never_delivered_twice() 
         .await
         .expect("history");
     assert_eq!(history.events.len(), 1, "stored exactly once");
+}
+
+#[tokio::test]
+async fn a_key_is_forgotten_after_its_retention_and_a_resend_then_is_a_new_message() {
+    let node = TestNode::start_with(|c| c.idempotency_retention_secs = 2).await;
+    let alice = node.user("alice").await;
+    let bob = node.user("bob").await;
+    let mut a = alice.connect().await;
+    let to_bob = || Target::User(bob.id.clone());
+    let first = a.send_keyed("old-key", to_bob(), "first try").await;
+    assert_eq!(a.send_keyed("old-key", to_bob(), "first try").await, first);
+
+    let store = node.services().store.clone();
+    let alice_id = alice.id.clone();
+    eventually("the old key's record is swept away", || {
+        let forgotten = store.ack(&alice_id, "old-key").map(|r| r.is_none());
+        async move { forgotten.unwrap_or(false) }
+    })
+    .await;
+    let late = a
+        .send_keyed("old-key", to_bob(), "a resend days later")
+        .await;
+    assert_ne!(late.0, first.0, "a forgotten key makes a new message");
+    // Keys younger than the retention still answer with their first ack.
+    let fresh = a.send_keyed("new-key", to_bob(), "fresh").await;
+    assert_eq!(a.send_keyed("new-key", to_bob(), "fresh").await, fresh);
+
+    let history = bob
+        .api
+        .history(&first.1, None, None)
+        .await
+        .expect("history");
+    let bodies: Vec<_> = history
+        .events
+        .iter()
+        .rev()
+        .map(|e| match &e.content {
+            EventContent::Message { body } => body.as_str(),
+            _ => "",
+        })
+        .collect();
+    assert_eq!(bodies, ["first try", "a resend days later", "fresh"]);
 }
 
 #[tokio::test]
