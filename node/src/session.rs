@@ -11,7 +11,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::FuturesUnordered;
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use hearth_client_api::{ClientFrame, ErrorCode, PROTOCOL_VERSION, ServerFrame, close};
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{Instrument, debug, info};
@@ -318,22 +318,13 @@ where
                 wake = mailbox.wait(backlog_done) => match wake {
                     Wake::Kicked(code) => return End::Close(code, kick_reason(code)),
                     Wake::Items => {
-                        if let Err(e) = Box::pin(write_live(t, svc, mailbox, &mut sent_upto)).await {
+                        if let Err(e) = Box::pin(write_live(t, svc, mailbox, &mut sent_upto, &mut sends)).await {
                             return e;
                         }
                     }
                 },
-                Some((key, result)) = next_send(&mut sends), if sends.is_some() => {
-                    let frame = match result {
-                        Ok(ack) => WireOut::Text(encode(&ServerFrame::Ack {
-                            key,
-                            event_id: ack.event_id,
-                            channel: ack.channel,
-                            ts: ack.ts,
-                        })),
-                        Err(err) => error_frame(err.code, err.message, Some(key)),
-                    };
-                    if let Err(e) = Box::pin(out(t, svc, frame)).await {
+                Some(done) = next_send(&mut sends), if sends.is_some() => {
+                    if let Err(e) = Box::pin(write_answers(t, svc, done, &mut sends)).await {
                         return e;
                     }
                 }
@@ -509,12 +500,74 @@ async fn next_send(sends: &mut Option<FuturesUnordered<PendingSend>>) -> Option<
     sends.as_mut()?.next().await
 }
 
-/// Writes the queued items, up to a batch, with one flush.
+/// The frame that answers a finished send: its ack, or why it failed.
+fn answer_frame((key, result): SendResult) -> WireOut {
+    match result {
+        Ok(ack) => WireOut::Text(encode(&ServerFrame::Ack {
+            key,
+            event_id: ack.event_id,
+            channel: ack.channel,
+            ts: ack.ts,
+        })),
+        Err(err) => error_frame(err.code, err.message, Some(key)),
+    }
+}
+
+/// Feeds the answers of the sends that have finished by now, without waiting for
+/// more. The flusher settles a round's acks just after it publishes the round's
+/// events, so a sender's ack and its own copy of the event usually leave in one
+/// socket write instead of two.
+async fn feed_finished_sends<T>(
+    t: &mut T,
+    svc: &Services,
+    sends: &mut Option<FuturesUnordered<PendingSend>>,
+) -> Result<(), End>
+where
+    T: Sink<WireOut> + Unpin,
+{
+    let Some(pending) = sends.as_mut() else {
+        return Ok(());
+    };
+    while let Some(Some(done)) = pending.next().now_or_never() {
+        svc.metrics.frames_out.inc();
+        match timeout(WRITE_TIMEOUT, t.feed(answer_frame(done))).await {
+            Ok(Ok(())) => {}
+            _ => return Err(End::Gone),
+        }
+    }
+    Ok(())
+}
+
+/// Writes a finished send's answer and any others finished by now, with one flush.
+async fn write_answers<T>(
+    t: &mut T,
+    svc: &Services,
+    done: SendResult,
+    sends: &mut Option<FuturesUnordered<PendingSend>>,
+) -> Result<(), End>
+where
+    T: Sink<WireOut> + Unpin,
+{
+    svc.metrics.frames_out.inc();
+    match timeout(WRITE_TIMEOUT, t.feed(answer_frame(done))).await {
+        Ok(Ok(())) => {}
+        _ => return Err(End::Gone),
+    }
+    feed_finished_sends(t, svc, sends).await?;
+    match timeout(WRITE_TIMEOUT, t.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(End::Gone),
+    }
+}
+
+/// Writes the queued items, up to a batch, and the answers of sends finished by
+/// then, with one flush.
 async fn write_live<T>(
     t: &mut T,
     svc: &Services,
     mailbox: &Mailbox,
     sent_upto: &mut u64,
+    sends: &mut Option<FuturesUnordered<PendingSend>>,
 ) -> Result<(), End>
 where
     T: Sink<WireOut> + Unpin,
@@ -551,6 +604,7 @@ where
             item = mailbox.pop();
         }
     }
+    feed_finished_sends(t, svc, sends).await?;
     match timeout(WRITE_TIMEOUT, t.flush()).await {
         Ok(Ok(())) => {}
         _ => return Err(End::Gone),
