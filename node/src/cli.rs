@@ -10,6 +10,7 @@ use tracing::info;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, LogFormat, Overrides, Registration};
+use crate::http::admin::{AdminUser, AdminUsers, NewUser};
 use crate::{Node, NodeError};
 
 /// Hearth: a federated chat homeserver.
@@ -127,6 +128,9 @@ Lists in variables are written as [a, b].";
 
 /// Password of the devnet's demo users.
 const DEVNET_PASSWORD: &str = "devnet-password";
+/// How long an admin command waits for a running node's answer.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Demo users created on every devnet node.
 const DEVNET_USERS: [&str; 3] = ["alice", "bob", "carol"];
 
@@ -217,6 +221,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     let node = Node::open(config.clone()).await?;
+    node.serve_admin();
     info!(
         server_name = %config.server_name,
         data_dir = %config.data_dir.display(),
@@ -359,34 +364,153 @@ async fn devnet(args: DevnetArgs) -> Result<()> {
 
 async fn user(command: UserCommand, node_args: NodeArgs) -> Result<()> {
     let config = load(&node_args, Overrides::default())?;
-    let node = Node::open(config).await?;
-    let accounts = node.services().accounts.clone();
-    let result = match command {
-        UserCommand::Add { name } => {
+    let password = match &command {
+        UserCommand::Add { .. } => {
             let mut password = String::new();
             std::io::stdin()
                 .lock()
                 .read_line(&mut password)
                 .context("reading the password from standard input")?;
-            let password = password.trim_end_matches(['\r', '\n']);
-            accounts
-                .create_account(&name, password, true)
-                .await
-                .map(|()| println!("created {}", accounts.user_id(&name)))
+            password.trim_end_matches(['\r', '\n']).to_string()
         }
+        _ => String::new(),
+    };
+    // A node running on the folder owns the store: ask it over its admin socket.
+    let socket = crate::http::admin::socket_path(&config.data_dir);
+    if let Some(done) = user_on_running_node(&socket, &command, &password).await? {
+        println!("{done}");
+        return Ok(());
+    }
+    let node = Node::open(config).await?;
+    let accounts = node.services().accounts.clone();
+    let result = match command {
+        UserCommand::Add { name } => accounts
+            .create_account(&name, &password, true)
+            .await
+            .map(|()| format!("created {}", accounts.user_id(&name))),
         UserCommand::List => accounts.list_accounts().map(|list| {
-            for (name, rec) in list {
-                let state = if rec.disabled { "disabled" } else { "active" };
-                println!("{}\t{state}", accounts.user_id(&name));
-            }
+            let users = list.into_iter().map(|(name, rec)| AdminUser {
+                user: accounts.user_id(&name),
+                disabled: rec.disabled,
+            });
+            account_lines(users)
         }),
         UserCommand::Disable { name } => accounts
             .disable(&name)
             .await
-            .map(|()| println!("disabled {}", accounts.user_id(&name))),
+            .map(|()| format!("disabled {}", accounts.user_id(&name))),
     };
     node.close().await?;
-    result.map_err(|e| anyhow::anyhow!("{e}"))
+    let done = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{done}");
+    Ok(())
+}
+
+/// One line per account: its id and whether it is active.
+fn account_lines(users: impl IntoIterator<Item = AdminUser>) -> String {
+    users
+        .into_iter()
+        .map(|u| {
+            let state = if u.disabled { "disabled" } else { "active" };
+            format!("{}\t{state}", u.user)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs a user command on the node serving `socket`, if one does: `None` when no
+/// node listens there (no socket, or a crashed node's), so the caller opens the store.
+async fn user_on_running_node(
+    socket: &std::path::Path,
+    command: &UserCommand,
+    password: &str,
+) -> Result<Option<String>> {
+    let (method, uri, body) = match command {
+        UserCommand::Add { name } => (
+            hyper::Method::POST,
+            "/admin/users".to_string(),
+            serde_json::to_vec(&NewUser {
+                name: name.clone(),
+                password: password.to_string(),
+            })?,
+        ),
+        UserCommand::List => (hyper::Method::GET, "/admin/users".to_string(), Vec::new()),
+        UserCommand::Disable { name } => (
+            hyper::Method::POST,
+            format!("/admin/users/{name}/disable"),
+            Vec::new(),
+        ),
+    };
+    let Some((status, answer)) = ask_admin_socket(socket, method, &uri, body).await? else {
+        return Ok(None);
+    };
+    if !(200..300).contains(&status) {
+        let problem: hearth_client_api::http::Problem = serde_json::from_slice(&answer)
+            .with_context(|| {
+                format!("the node answered {status} with something not a problem document")
+            })?;
+        anyhow::bail!("{}", problem.detail);
+    }
+    let done = match command {
+        UserCommand::Add { .. } => {
+            let user: AdminUser = serde_json::from_slice(&answer)?;
+            format!("created {}", user.user)
+        }
+        UserCommand::List => {
+            let list: AdminUsers = serde_json::from_slice(&answer)?;
+            account_lines(list.users)
+        }
+        UserCommand::Disable { .. } => {
+            let user: AdminUser = serde_json::from_slice(&answer)?;
+            format!("disabled {}", user.user)
+        }
+    };
+    Ok(Some(done))
+}
+
+/// One HTTP/1.1 exchange over the admin socket: the status and body, or `None` when
+/// nothing listens there.
+async fn ask_admin_socket(
+    socket: &std::path::Path,
+    method: hyper::Method,
+    uri: &str,
+    body: Vec<u8>,
+) -> Result<Option<(u16, Vec<u8>)>> {
+    use http_body_util::BodyExt;
+    let stream = match tokio::net::UnixStream::connect(socket).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("connecting to {}", socket.display()));
+        }
+    };
+    let exchange = async {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let answer = response.into_body().collect().await?.to_bytes().to_vec();
+        anyhow::Ok((status, answer))
+    };
+    let answered = tokio::time::timeout(ADMIN_TIMEOUT, exchange)
+        .await
+        .context("the node did not answer on its admin socket in time")?
+        .with_context(|| format!("talking to the node on {}", socket.display()))?;
+    Ok(Some(answered))
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@
 //! - [`presence`]: online/offline, last activity, and who hears about changes.
 //! - [`push`]: push notifications (Web Push, webhooks) for users with no device online.
 //! - [`session`]: one device's WebSocket session, generic over its transport.
-//! - `http`: the routes, authentication, and the mapping of errors to problem documents.
+//! - [`http`]: the routes, authentication, and the mapping of errors to problem
+//!   documents; its `admin` part serves account commands on a Unix socket.
 //! - [`federation`]: the glue to other servers: directory and pinned keys, outboxes,
 //!   verification of what comes in, catch-up, presence across servers.
 //! - [`metrics`]: the node's Prometheus registry.
@@ -28,7 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod federation;
-mod http;
+pub mod http;
 pub mod hub;
 pub mod idempotency;
 pub mod metrics;
@@ -190,6 +191,12 @@ impl Node {
             accepting: AtomicBool::new(true),
         });
         Ok(Node { svc, flusher, stop })
+    }
+
+    /// Serves the admin API (account commands) on the Unix socket in the data folder
+    /// until the node stops; `hearth serve` opens it before it says it is ready.
+    pub fn serve_admin(&self) {
+        http::admin::serve(self.svc.clone(), self.svc.shutdown.clone());
     }
 
     /// The node's services (for admin commands and tests).

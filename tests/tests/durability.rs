@@ -260,25 +260,50 @@ async fn admin_commands_add_list_and_disable_users_in_the_store() {
     let (ok, out, _) = hearth(&["user", "list", "--data-dir", data], "");
     assert!(ok && out.contains("carol@localhost\tactive"));
 
-    // While a node runs, the store has one owner: the admin command says so.
+    // While a node runs it owns the store; the commands go through its admin socket.
     let node = ChildNode::start(hearth_bin!(), dir.path());
-    let (ok, _, err) = hearth(&["user", "list", "--data-dir", data], "");
+    let socket = dir.path().join("admin.sock");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&socket)
+            .expect("socket")
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "only the node's user may use the socket"
+        );
+    }
+    let (ok, out, err) = hearth(&["user", "list", "--data-dir", data], "");
+    assert!(ok && out.contains("carol@localhost\tactive"), "{out} {err}");
+    let (ok, out, err) = hearth(
+        &["user", "add", "dave", "--data-dir", data],
+        "another long password\n",
+    );
+    assert!(ok && out.contains("created dave@localhost"), "{out} {err}");
+    let (ok, _, err) = hearth(
+        &["user", "add", "dave", "--data-dir", data],
+        "another long password\n",
+    );
     assert!(
-        !ok && err.contains("in use by a running node"),
-        "got: {err}"
+        !ok && err.contains("taken"),
+        "a second add is refused: {err}"
     );
     let client = Client::new(&node.url()).expect("url");
+    client
+        .login("dave", "another long password", None)
+        .await
+        .expect("dave, added while the node runs, logs in at once");
     let session = client
         .login("carol", "a long password", None)
         .await
         .expect("carol logs in");
-    node.kill();
-
     let (ok, out, err) = hearth(&["user", "disable", "carol", "--data-dir", data], "");
-    assert!(ok, "disable failed: {err}");
-    assert!(out.contains("disabled carol@localhost"));
-    let node = ChildNode::start(hearth_bin!(), dir.path());
-    let client = Client::new(&node.url()).expect("url");
+    assert!(
+        ok && out.contains("disabled carol@localhost"),
+        "{out} {err}"
+    );
     let err = client
         .login("carol", "a long password", None)
         .await
@@ -288,6 +313,17 @@ async fn admin_commands_add_list_and_disable_users_in_the_store() {
     assert_eq!(
         err.code(),
         Some(ErrorCode::Unauthorized),
-        "old tokens were revoked"
+        "her tokens were revoked on the running node"
     );
+
+    // A killed node leaves its socket behind; the commands see nobody answers and
+    // open the store themselves, and the next node replaces the socket.
+    node.kill();
+    assert!(socket.exists());
+    let (ok, out, err) = hearth(&["user", "list", "--data-dir", data], "");
+    assert!(ok, "list after a crash: {err}");
+    assert!(out.contains("carol@localhost\tdisabled") && out.contains("dave@localhost\tactive"));
+    let _node = ChildNode::start(hearth_bin!(), dir.path());
+    let (ok, out, err) = hearth(&["user", "list", "--data-dir", data], "");
+    assert!(ok && out.contains("dave@localhost\tactive"), "{out} {err}");
 }

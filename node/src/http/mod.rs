@@ -1,5 +1,6 @@
 //! The client API over HTTP: routes, authentication, and the one place errors become responses.
 
+pub mod admin;
 mod push;
 mod routes;
 mod web;
