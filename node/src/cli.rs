@@ -119,6 +119,7 @@ Settings (TOML file key / environment variable, default):
   mdns                        HEARTH_MDNS                        false
   catchup_interval_secs       HEARTH_CATCHUP_INTERVAL_SECS       30
   presence_refresh_secs       HEARTH_PRESENCE_REFRESH_SECS       20
+  outbox_retention_secs       HEARTH_OUTBOX_RETENTION_SECS       259200 (three days)
   push_coalesce_ms            HEARTH_PUSH_COALESCE_MS            2000
   push_timeout_secs           HEARTH_PUSH_TIMEOUT_SECS           10
   push_contact                HEARTH_PUSH_CONTACT                mailto:postmaster@<server_name>

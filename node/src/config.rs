@@ -37,6 +37,7 @@ pub const SETTINGS: &[&str] = &[
     "mdns",
     "catchup_interval_secs",
     "presence_refresh_secs",
+    "outbox_retention_secs",
     "push_coalesce_ms",
     "push_timeout_secs",
     "push_contact",
@@ -139,6 +140,9 @@ pub struct Config {
     pub catchup_interval_secs: u64,
     /// Seconds between re-announcements of who is online here.
     pub presence_refresh_secs: u64,
+    /// Seconds an event waits in the outbox for a server that cannot be reached;
+    /// older entries are dropped and that server gets them by catch-up.
+    pub outbox_retention_secs: u64,
     /// Push notifications: messages of one conversation arriving within this many
     /// milliseconds of the first become one notification.
     pub push_coalesce_ms: u64,
@@ -181,6 +185,7 @@ impl Default for Config {
             mdns: false,
             catchup_interval_secs: 30,
             presence_refresh_secs: 20,
+            outbox_retention_secs: 259_200,
             push_coalesce_ms: 2000,
             push_timeout_secs: 10,
             push_contact: String::new(),
@@ -241,6 +246,9 @@ impl Config {
         }
         if self.catchup_interval_secs == 0 || self.presence_refresh_secs == 0 {
             return bad("catchup_interval_secs and presence_refresh_secs must be positive");
+        }
+        if self.outbox_retention_secs == 0 {
+            return bad("outbox_retention_secs must be positive");
         }
         if self.push_coalesce_ms > 3_600_000 || self.push_timeout_secs == 0 {
             return bad("push_coalesce_ms must be at most 3600000 and push_timeout_secs positive");

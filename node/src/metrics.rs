@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Pushes other servers answered; events out per push tells how well the
     /// outboxes batch under load.
     pub federation_pushes: Counter,
+    /// Outbox entries dropped past the outbox retention (the destination catches up).
+    pub federation_outbox_expired: Counter,
     /// Events, descriptors and announcements from other servers that were refused.
     pub federation_refused: Counter,
     /// Servers connected now.
@@ -74,6 +76,7 @@ impl Metrics {
         let federation_in = Counter::default();
         let federation_out = Counter::default();
         let federation_pushes = Counter::default();
+        let federation_outbox_expired = Counter::default();
         let federation_refused = Counter::default();
         let federation_peers = Gauge::default();
         let push_sent = Counter::default();
@@ -114,6 +117,11 @@ impl Metrics {
             "federation_pushes",
             "Pushes other servers answered",
             federation_pushes.clone(),
+        );
+        registry.register(
+            "federation_outbox_expired",
+            "Outbox entries dropped after the outbox retention; their servers get them by catch-up",
+            federation_outbox_expired.clone(),
         );
         registry.register(
             "federation_refused",
@@ -173,6 +181,7 @@ impl Metrics {
             federation_in,
             federation_out,
             federation_pushes,
+            federation_outbox_expired,
             federation_refused,
             federation_peers,
             push_sent,

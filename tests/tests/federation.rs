@@ -666,6 +666,59 @@ async fn a_server_whose_first_user_joins_an_old_group_is_sent_its_history_of_mem
 }
 
 #[tokio::test]
+async fn an_outbox_past_its_retention_is_dropped_and_the_server_still_catches_up_when_back() {
+    let a = TestNode::start_with(|c| {
+        hearth_tests::federated(c, "a.test", Vec::new());
+        c.outbox_retention_secs = 1;
+    })
+    .await;
+    // c exists, but is not connected to anyone yet.
+    let mut c = TestNode::server("c.test", &[]).await;
+    let carol = c.user("carol").await;
+    let alice = a.user("alice").await;
+    let group = alice
+        .api
+        .create_group("waiting", &["carol@c.test".into()])
+        .await
+        .expect("group");
+    let mut al = alice.connect().await;
+    al.send_in(&group.id, "while c was away").await;
+
+    let store = a.services().store.clone();
+    eventually("a dropped its outbox to c after the retention", || {
+        let empty = store.outbox("c.test", None, 10).map(|e| e.is_empty());
+        async move { empty.unwrap_or(false) }
+    })
+    .await;
+    assert!(a.metric("hearth_federation_outbox_expired_total") >= 3.0);
+
+    // c comes back: catch-up brings the group and the message all the same.
+    c.restart_with_bootstrap(&a.federation_addrs().await).await;
+    let carol = c.login(&carol).await;
+    let api = carol.api.clone();
+    let channel = group.id.clone();
+    eventually("the message reached c by catch-up", || {
+        let api = api.clone();
+        let channel = channel.clone();
+        async move {
+            api.history(&channel, None, None).await.is_ok_and(|h| {
+                h.events.iter().any(|e| {
+                    matches!(&e.content, EventContent::Message { body } if body == "while c was away")
+                })
+            })
+        }
+    })
+    .await;
+    let ca = carol.connect().await;
+    assert!(
+        ca.backlog.iter().any(
+            |e| matches!(&e.content, EventContent::Message { body } if body == "while c was away")
+        ),
+        "carol's devices get it too"
+    );
+}
+
+#[tokio::test]
 async fn a_denied_server_is_refused_both_ways() {
     let a = TestNode::start_with(|c| {
         hearth_tests::federated(c, "a.test", vec![]);

@@ -71,6 +71,9 @@ struct OutboxRead {
     ready: Vec<(Vec<u8>, String)>,
     /// Entries whose event is no longer stored.
     gone: Vec<Vec<u8>>,
+    /// Entries older than the outbox retention: the destination gets their events
+    /// by catch-up when it is back.
+    expired: Vec<Vec<u8>>,
 }
 
 /// A push that came back: its outbox entries, in the order of its events, and the answer.
@@ -114,6 +117,7 @@ struct Shared {
     stop: watch::Receiver<bool>,
     catchup_every: Duration,
     presence_every: Duration,
+    outbox_retention: Duration,
 }
 
 /// A cheap handle to the node's federation.
@@ -207,6 +211,7 @@ impl Federation {
                 stop,
                 catchup_every: Duration::from_secs(config.catchup_interval_secs),
                 presence_every: Duration::from_secs(config.presence_refresh_secs),
+                outbox_retention: Duration::from_secs(config.outbox_retention_secs),
             }),
         };
         // A weak link: the channels must not keep federation (and through it the
@@ -1019,39 +1024,66 @@ impl Federation {
     }
 
     /// The next push for `dest`: up to a full push of outbox entries after `after`,
-    /// read and signed (on a blocking thread unless the push is small).
-    async fn next_push(&self, dest: &str, after: Option<&[u8]>) -> NextPush {
-        let entries = match self
-            .shared
-            .store
-            .outbox(dest, after, MAX_EVENTS_PER_MESSAGE)
-        {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(error = %e, "outbox unreadable");
-                Vec::new()
+    /// read and signed (on a blocking thread unless the push is small). Entries whose
+    /// event is gone or older than the retention are dropped on the way.
+    async fn next_push(&self, dest: &str, mut after: Option<&[u8]>) -> NextPush {
+        let mut dropped_upto: Option<Vec<u8>>;
+        loop {
+            let entries = match self
+                .shared
+                .store
+                .outbox(dest, after, MAX_EVENTS_PER_MESSAGE)
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, "outbox unreadable");
+                    Vec::new()
+                }
+            };
+            let Some(last_read) = entries.last().map(|(key, _)| key.clone()) else {
+                return NextPush::Nothing;
+            };
+            let OutboxRead {
+                ready,
+                gone,
+                expired,
+            } = if entries.len() <= INLINE_PUSH_EVENTS {
+                self.read_outgoing(entries)
+            } else {
+                let this = self.clone();
+                match tokio::task::spawn_blocking(move || this.read_outgoing(entries)).await {
+                    Ok(read) => read,
+                    Err(_) => return NextPush::Stopped,
+                }
+            };
+            if !gone.is_empty() {
+                let _ = self.shared.store.outbox_done(&gone);
             }
-        };
-        if entries.is_empty() {
-            return NextPush::Nothing;
-        }
-        let OutboxRead { ready, gone } = if entries.len() <= INLINE_PUSH_EVENTS {
-            self.read_outgoing(entries)
-        } else {
-            let this = self.clone();
-            match tokio::task::spawn_blocking(move || this.read_outgoing(entries)).await {
-                Ok(read) => read,
-                Err(_) => return NextPush::Stopped,
+            if !expired.is_empty() {
+                warn!(
+                    server = %dest,
+                    events = expired.len(),
+                    retention_secs = self.shared.outbox_retention.as_secs(),
+                    "dropped outbox entries older than the retention; that server gets them by catch-up when it is back"
+                );
+                self.shared
+                    .metrics
+                    .federation_outbox_expired
+                    .inc_by(expired.len() as u64);
+                let _ = self.shared.store.outbox_done(&expired);
             }
-        };
-        if !gone.is_empty() {
-            let _ = self.shared.store.outbox_done(&gone);
+            if let Some(upto) = ready.last().map(|(key, _)| key.clone()) {
+                let (keys, events) = ready.into_iter().unzip();
+                return NextPush::Ready { upto, keys, events };
+            }
+            if gone.is_empty() && expired.is_empty() {
+                // An event could not be read: it stays for a later push.
+                return NextPush::Nothing;
+            }
+            // Everything read was dropped: read on from there.
+            dropped_upto = Some(last_read);
+            after = dropped_upto.as_deref();
         }
-        let Some(upto) = ready.last().map(|(key, _)| key.clone()) else {
-            return NextPush::Nothing;
-        };
-        let (keys, events) = ready.into_iter().unzip();
-        NextPush::Ready { upto, keys, events }
     }
 
     /// The outbox entries' events, signed for sending. Stops at an event that cannot
@@ -1060,9 +1092,12 @@ impl Federation {
         let mut out = OutboxRead {
             ready: Vec::new(),
             gone: Vec::new(),
+            expired: Vec::new(),
         };
+        let cutoff = wall_ms().saturating_sub(self.shared.outbox_retention.as_millis() as u64);
         for (key, id) in entries {
             match self.shared.store.event(&id) {
+                Ok(Some(stored)) if stored.event.ts < cutoff => out.expired.push(key),
                 Ok(Some(stored)) => out.ready.push((key, self.outgoing(stored.event))),
                 Ok(None) => out.gone.push(key),
                 Err(e) => {
