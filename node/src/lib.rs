@@ -107,11 +107,33 @@ pub struct Node {
     stop: watch::Sender<bool>,
 }
 
+/// Creates the data folder readable by this user alone (it holds every message and
+/// the server's keys), and warns when an existing one is open to others.
+fn open_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        return Ok(());
+    }
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        warn!(
+            data_dir = %dir.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the data folder is open to other users of this machine; `chmod 700` it to keep the history and keys private"
+        );
+    }
+    Ok(())
+}
+
 impl Node {
     /// Opens the store in the configured data folder and builds the services.
     pub async fn open(config: Config) -> Result<Node, NodeError> {
         config.validate()?;
-        std::fs::create_dir_all(&config.data_dir)?;
+        open_data_dir(&config.data_dir)?;
         let opening = std::time::Instant::now();
         let store = Store::open(&config.data_dir).map_err(|e| match e {
             StoreError::Locked => NodeError::DataDirLocked(config.data_dir.clone()),

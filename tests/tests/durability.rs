@@ -327,3 +327,26 @@ async fn admin_commands_add_list_and_disable_users_in_the_store() {
     let (ok, out, err) = hearth(&["user", "list", "--data-dir", data], "");
     assert!(ok && out.contains("dave@localhost\tactive"), "{out} {err}");
 }
+
+#[tokio::test]
+async fn a_new_data_folder_is_private_to_the_nodes_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().expect("temp dir");
+    let data_dir = parent.path().join("org").join("hearth-data");
+    let node = TestNode::start_with({
+        let data_dir = data_dir.clone();
+        move |c| c.data_dir = data_dir
+    })
+    .await;
+    node.user("alice").await;
+    for dir in [&data_dir, &parent.path().join("org")] {
+        let mode = std::fs::metadata(dir).expect("folder").permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o700,
+            "{} is {:o}",
+            dir.display(),
+            mode & 0o777
+        );
+    }
+}
