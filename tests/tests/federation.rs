@@ -397,6 +397,42 @@ async fn a_server_that_changes_its_key_is_refused() {
     );
 }
 
+/// alice on `a` writes to bob on `b`; both users, and alice's device, once b holds
+/// their direct chat.
+async fn alice_writes_to_bob(
+    a: &TestNode,
+    b: &TestNode,
+) -> (
+    hearth_tests::TestUser,
+    hearth_tests::TestUser,
+    hearth_tests::Device,
+) {
+    let alice = a.user("alice").await;
+    let bob = b.user("bob").await;
+    let mut al = alice.connect().await;
+    al.send_to("bob@b.test", "are you there?").await;
+    let api = bob.api.clone();
+    eventually("the direct chat reached b", || {
+        let api = api.clone();
+        async move {
+            api.channels()
+                .await
+                .map(|c| !c.channels.is_empty())
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    (alice, bob, al)
+}
+
+/// Picks a presence frame saying bob@b.test has `status`.
+fn bob_is(status: PresenceStatus) -> impl FnMut(&ServerFrame) -> Option<()> {
+    move |f| match f {
+        ServerFrame::Presence(p) if p.user == "bob@b.test" && p.status == status => Some(()),
+        _ => None,
+    }
+}
+
 #[tokio::test]
 async fn presence_crosses_servers_and_times_out_there_too() {
     let a = TestNode::server("a.test", &[]).await;
@@ -408,43 +444,11 @@ async fn presence_crosses_servers_and_times_out_there_too() {
         }
     })
     .await;
-    let alice = a.user("alice").await;
-    let bob = b.user("bob").await;
-    let mut al = alice.connect().await;
-    al.send_to("bob@b.test", "are you there?").await;
-    {
-        let api = bob.api.clone();
-        eventually("the direct chat reached b", || {
-            let api = api.clone();
-            async move {
-                api.channels()
-                    .await
-                    .map(|c| !c.channels.is_empty())
-                    .unwrap_or(false)
-            }
-        })
-        .await;
-    }
+    let (alice, bob, mut al) = alice_writes_to_bob(&a, &b).await;
     let mut bo = bob.connect().await;
-    al.wait_for(|f| match f {
-        ServerFrame::Presence(p)
-            if p.user == "bob@b.test" && p.status == PresenceStatus::Online =>
-        {
-            Some(())
-        }
-        _ => None,
-    })
-    .await;
+    al.wait_for(bob_is(PresenceStatus::Online)).await;
     // Bob's device falls silent; b times it out and a hears of it.
-    let (_, code) = tokio::join!(
-        al.wait_for(|f| match f {
-            ServerFrame::Presence(p)
-                if p.user == "bob@b.test" && p.status == PresenceStatus::Offline =>
-                Some(()),
-            _ => None,
-        }),
-        bo.closed()
-    );
+    let (_, code) = tokio::join!(al.wait_for(bob_is(PresenceStatus::Offline)), bo.closed());
     assert_eq!(code, hearth_client_api::close::HEARTBEAT_TIMEOUT);
     let looked_up = alice.api.presence(["bob@b.test"]).await.expect("presence");
     assert_eq!(looked_up.presence[0].status, PresenceStatus::Offline);
@@ -468,29 +472,7 @@ async fn a_remote_user_whose_server_falls_silent_is_pushed_as_offline_and_online
         }
     })
     .await;
-    let alice = a.user("alice").await;
-    let bob = b.user("bob").await;
-    let mut al = alice.connect().await;
-    al.send_to("bob@b.test", "are you there?").await;
-    {
-        let api = bob.api.clone();
-        eventually("the direct chat reached b", || {
-            let api = api.clone();
-            async move {
-                api.channels()
-                    .await
-                    .map(|c| !c.channels.is_empty())
-                    .unwrap_or(false)
-            }
-        })
-        .await;
-    }
-    let bob_is = |status: PresenceStatus| {
-        move |f: &ServerFrame| match f {
-            ServerFrame::Presence(p) if p.user == "bob@b.test" && p.status == status => Some(()),
-            _ => None,
-        }
-    };
+    let (alice, bob, mut al) = alice_writes_to_bob(&a, &b).await;
     let bo = bob.connect().await;
     al.wait_for(bob_is(PresenceStatus::Online)).await;
     let online_at = std::time::Instant::now();
