@@ -17,7 +17,9 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{Body, MAX_BODY_BYTES, method_not_allowed, not_found};
+use hearth_client_api::ErrorCode;
+
+use super::{Body, MAX_BODY_BYTES, method_not_allowed};
 use crate::Services;
 use crate::error::ApiError;
 
@@ -56,10 +58,17 @@ fn router(svc: Arc<Services>) -> Router {
     Router::new()
         .route("/admin/users", get(list).post(add))
         .route("/admin/users/{name}/disable", post(disable))
-        .fallback(not_found)
+        .fallback(no_such_admin_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(svc)
+}
+
+async fn no_such_admin_route() -> ApiError {
+    ApiError::new(
+        ErrorCode::NotFound,
+        "no such admin route; see docs/operations.md, \"Accounts\"",
+    )
 }
 
 async fn add(
