@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use hearth_federation::clock::wall_ms;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::store::Store;
@@ -31,7 +32,11 @@ const MIN_SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Starts sweeping records older than `retention` every quarter of it (between one
 /// second and an hour), the first sweep one such period after start, until
 /// `shutdown` turns true.
-pub fn start_expiry(store: Store, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+pub fn start_expiry(
+    store: Store,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> JoinHandle<()> {
     let every = (retention / 4).clamp(MIN_SWEEP_EVERY, MAX_SWEEP_EVERY);
     tokio::spawn(async move {
         loop {
@@ -44,7 +49,7 @@ pub fn start_expiry(store: Store, retention: Duration, mut shutdown: watch::Rece
                 warn!(error = %e, "idempotency records could not be swept; will try again");
             }
         }
-    });
+    })
 }
 
 /// One pass over every record, removing those of sends stored before `before_ms`.

@@ -105,6 +105,21 @@ pub struct Node {
     svc: Arc<Services>,
     flusher: Flusher,
     stop: watch::Sender<bool>,
+    /// Periodic work that holds the store (expiry sweeps): awaited at stop, so the
+    /// store is closed when the node says it stopped.
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Waits (bounded) for the node's periodic tasks, told to stop, to let go of the store.
+async fn background_ended(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        if tokio::time::timeout(SESSIONS_GONE_WAIT, task)
+            .await
+            .is_err()
+        {
+            warn!("a background task did not end in time; stopping anyway");
+        }
+    }
 }
 
 /// Creates the data folder readable by this user alone (it holds every message and
@@ -190,14 +205,14 @@ impl Node {
         } else {
             None
         };
-        if federation.is_some() {
-            presence.start_expiry(shutdown.clone());
-        }
-        idempotency::start_expiry(
+        let mut background = vec![idempotency::start_expiry(
             store.clone(),
             Duration::from_secs(config.idempotency_retention_secs),
             shutdown.clone(),
-        );
+        )];
+        if federation.is_some() {
+            background.push(presence.start_expiry(shutdown.clone()));
+        }
         let svc = Arc::new(Services {
             config,
             store,
@@ -212,7 +227,12 @@ impl Node {
             shutdown,
             accepting: AtomicBool::new(true),
         });
-        Ok(Node { svc, flusher, stop })
+        Ok(Node {
+            svc,
+            flusher,
+            stop,
+            background,
+        })
     }
 
     /// Serves the admin API (account commands) on the Unix socket in the data folder
@@ -234,7 +254,12 @@ impl Node {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), NodeError> {
-        let Node { svc, flusher, stop } = self;
+        let Node {
+            svc,
+            flusher,
+            stop,
+            background,
+        } = self;
         let app = http::router(svc.clone());
         svc.push.start(svc.shutdown.clone());
         let begun = Arc::new(tokio::sync::Notify::new());
@@ -279,6 +304,7 @@ impl Node {
             f.stop().await;
         }
         svc.push.stop().await;
+        background_ended(background).await;
         svc.inboxes.stop();
         if !flusher.finished().await {
             warn!("the store flusher ended abnormally");
@@ -297,6 +323,7 @@ impl Node {
         if let Some(f) = &self.svc.federation {
             f.stop().await;
         }
+        background_ended(self.background).await;
         self.svc.inboxes.stop();
         let _ = self.flusher.finished().await;
         self.svc.store.checkpoint().await?;

@@ -9,6 +9,7 @@ use hearth_client_api::model::{ChannelKind, PresenceInfo, PresenceStatus};
 use hearth_federation::clock::wall_ms;
 use hearth_federation::event::user_server;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::error::ApiResult;
@@ -189,7 +190,7 @@ impl Presence {
     /// Marks remote users offline whose server stopped refreshing them (see
     /// [`Presence::expire_remote`]), checking a few times per time-to-live, until
     /// `shutdown` turns true.
-    pub fn start_expiry(&self, mut shutdown: watch::Receiver<bool>) {
+    pub fn start_expiry(&self, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
         let presence = self.clone();
         let every = (self.remote_ttl / EXPIRY_CHECKS_PER_TTL).max(Duration::from_millis(100));
         tokio::spawn(async move {
@@ -205,7 +206,7 @@ impl Presence {
                     _ = shutdown.changed() => return,
                 }
             }
-        });
+        })
     }
 
     /// Takes in a remote user's presence, as their server announced it (already
