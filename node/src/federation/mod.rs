@@ -1043,6 +1043,7 @@ impl Federation {
             let Some(last_read) = entries.last().map(|(key, _)| key.clone()) else {
                 return NextPush::Nothing;
             };
+            let read = entries.len();
             let OutboxRead {
                 ready,
                 gone,
@@ -1076,7 +1077,7 @@ impl Federation {
                 let (keys, events) = ready.into_iter().unzip();
                 return NextPush::Ready { upto, keys, events };
             }
-            if gone.is_empty() && expired.is_empty() {
+            if gone.len() + expired.len() < read {
                 // An event could not be read: it stays for a later push.
                 return NextPush::Nothing;
             }
