@@ -129,9 +129,6 @@ Lists in variables are written as [a, b].";
 
 /// Password of the devnet's demo users.
 const DEVNET_PASSWORD: &str = "devnet-password";
-/// How long an admin command waits for a running node's answer.
-const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Demo users created on every devnet node.
 const DEVNET_USERS: [&str; 3] = ["alice", "bob", "carol"];
 
@@ -468,6 +465,9 @@ async fn user_on_running_node(
     };
     Ok(Some(done))
 }
+
+/// How long an admin command waits for a running node's answer.
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One HTTP/1.1 exchange over the admin socket: the status and body, or `None` when
 /// nothing listens there.

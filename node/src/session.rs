@@ -529,13 +529,32 @@ where
         return Ok(());
     };
     while let Some(Some(done)) = pending.next().now_or_never() {
-        svc.metrics.frames_out.inc();
-        match timeout(WRITE_TIMEOUT, t.feed(answer_frame(done))).await {
-            Ok(Ok(())) => {}
-            _ => return Err(End::Gone),
-        }
+        feed(t, svc, answer_frame(done)).await?;
     }
     Ok(())
+}
+
+/// Queues a frame in the transport's write buffer; [`flush`] sends what is queued.
+async fn feed<T>(t: &mut T, svc: &Services, frame: WireOut) -> Result<(), End>
+where
+    T: Sink<WireOut> + Unpin,
+{
+    svc.metrics.frames_out.inc();
+    match timeout(WRITE_TIMEOUT, t.feed(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(End::Gone),
+    }
+}
+
+/// Sends what [`feed`] queued.
+async fn flush<T>(t: &mut T) -> Result<(), End>
+where
+    T: Sink<WireOut> + Unpin,
+{
+    match timeout(WRITE_TIMEOUT, t.flush()).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(End::Gone),
+    }
 }
 
 /// Writes a finished send's answer and any others finished by now, with one flush.
@@ -548,16 +567,9 @@ async fn write_answers<T>(
 where
     T: Sink<WireOut> + Unpin,
 {
-    svc.metrics.frames_out.inc();
-    match timeout(WRITE_TIMEOUT, t.feed(answer_frame(done))).await {
-        Ok(Ok(())) => {}
-        _ => return Err(End::Gone),
-    }
+    feed(t, svc, answer_frame(done)).await?;
     feed_finished_sends(t, svc, sends).await?;
-    match timeout(WRITE_TIMEOUT, t.flush()).await {
-        Ok(Ok(())) => Ok(()),
-        _ => Err(End::Gone),
-    }
+    flush(t).await
 }
 
 /// Writes the queued items, up to a batch, and the answers of sends finished by
@@ -594,21 +606,15 @@ where
             Outbound::Presence(frame) => Some(frame),
         };
         if let Some(frame) = frame {
-            svc.metrics.frames_out.inc();
-            match timeout(WRITE_TIMEOUT, t.feed(WireOut::Text(frame))).await {
-                Ok(Ok(())) => written += 1,
-                _ => return Err(End::Gone),
-            }
+            feed(t, svc, WireOut::Text(frame)).await?;
+            written += 1;
         }
         if written < WRITE_BATCH {
             item = mailbox.pop();
         }
     }
     feed_finished_sends(t, svc, sends).await?;
-    match timeout(WRITE_TIMEOUT, t.flush()).await {
-        Ok(Ok(())) => {}
-        _ => return Err(End::Gone),
-    }
+    flush(t).await?;
     for at in accepted {
         svc.metrics
             .delivery_seconds
@@ -627,6 +633,8 @@ mod tests {
     struct Pipe {
         from_client: chan::UnboundedReceiver<WireIn>,
         to_client: chan::UnboundedSender<WireOut>,
+        /// Flushes so far: each would be one socket write on a real transport.
+        flushes: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Stream for Pipe {
@@ -645,6 +653,8 @@ mod tests {
             self.to_client.send(item)
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Poll::Ready(Ok(()))
         }
         fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -684,6 +694,7 @@ mod tests {
             Pipe {
                 from_client,
                 to_client,
+                flushes: Arc::default(),
             },
             svc,
         ));
@@ -743,6 +754,88 @@ mod tests {
             client.hear().await,
             WireOut::Close(close::HEARTBEAT_TIMEOUT, "no heartbeat in time".into())
         );
+    }
+
+    fn finished_send(key: &str) -> PendingSend {
+        let ack = Ack {
+            event_id: format!("$event-{key}"),
+            channel: "!c@localhost".into(),
+            ts: 1,
+        };
+        let key = key.to_string();
+        Box::pin(async move { (key, Ok(ack)) })
+    }
+
+    #[tokio::test]
+    async fn queued_events_and_the_acks_finished_by_then_leave_with_one_flush() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (svc, _node) = services(dir.path()).await;
+        let attachment = svc
+            .hub
+            .attach("alice@localhost", "phone", Duration::from_secs(30));
+        svc.hub.send_to_user(
+            "alice@localhost",
+            &Outbound::Presence(Arc::from(r#"{"type":"presence"}"#)),
+        );
+        let (_tx, from_client) = chan::unbounded_channel();
+        let (to_client, mut rx) = chan::unbounded_channel();
+        let flushes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut pipe = Pipe {
+            from_client,
+            to_client,
+            flushes: flushes.clone(),
+        };
+        let mut sends = Some(FuturesUnordered::from_iter([
+            finished_send("k1"),
+            finished_send("k2"),
+        ]));
+        let mut sent_upto = 0;
+        write_live(
+            &mut pipe,
+            &svc,
+            &attachment.mailbox,
+            &mut sent_upto,
+            &mut sends,
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the pipe took every frame"));
+        let mut frames = Vec::new();
+        while let Ok(WireOut::Text(text)) = rx.try_recv() {
+            frames.push(text);
+        }
+        assert_eq!(
+            frames.len(),
+            3,
+            "the presence frame and both acks: {frames:?}"
+        );
+        assert!(frames[0].contains("presence"));
+        assert!(frames[1..].iter().all(|f| f.contains(r#""type":"ack""#)));
+        assert_eq!(flushes.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(sends.as_ref().is_some_and(FuturesUnordered::is_empty));
+
+        // An ack written on its own takes the other acks finished by then along.
+        let mut sends = Some(FuturesUnordered::from_iter([finished_send("k4")]));
+        write_answers(
+            &mut pipe,
+            &svc,
+            (
+                "k3".into(),
+                Err(ApiError::new(
+                    ErrorCode::Internal,
+                    "the server failed; try again",
+                )),
+            ),
+            &mut sends,
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the pipe took every frame"));
+        let first = rx.try_recv().expect("the error frame");
+        let second = rx.try_recv().expect("the other ack");
+        assert!(
+            matches!(first, WireOut::Text(t) if t.contains(r#""key":"k3""#) && t.contains("error"))
+        );
+        assert!(matches!(second, WireOut::Text(t) if t.contains(r#""key":"k4""#)));
+        assert_eq!(flushes.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -135,11 +135,7 @@ pub fn serve(svc: Arc<Services>, mut shutdown: watch::Receiver<bool>) {
     let app = router(svc);
     tokio::spawn(async move {
         let stop = async move {
-            while !*shutdown.borrow() {
-                if shutdown.changed().await.is_err() {
-                    break;
-                }
-            }
+            let _ = shutdown.wait_for(|stop| *stop).await;
         };
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(stop)
