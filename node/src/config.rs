@@ -115,6 +115,9 @@ pub struct Config {
     pub session_queue: usize,
     /// Events per `sync` frame during catch-up.
     pub sync_batch: usize,
+    /// Seconds a send's idempotency key is remembered: a resend with the key within
+    /// this gets the original ack, a later one is a new message.
+    pub idempotency_retention_secs: u64,
     /// `text` or `json`.
     pub log_format: LogFormat,
     /// Log filter, as in `RUST_LOG` (e.g. `info`, `hearth_node=debug`).
@@ -133,9 +136,6 @@ pub struct Config {
     pub deny_servers: Vec<String>,
     /// Discover servers on the local network with mDNS.
     pub mdns: bool,
-    /// Seconds a send's idempotency key is remembered: a resend with the key within
-    /// this gets the original ack, a later one is a new message.
-    pub idempotency_retention_secs: u64,
     /// Seconds between catch-up rounds with connected servers.
     pub catchup_interval_secs: u64,
     /// Seconds between re-announcements of who is online here.
